@@ -1,0 +1,187 @@
+"""The query repository: every statement the daemon runs, by name, with typed results.
+
+Knows nothing about Telegram. Writes for a running shot are fenced in SQL (see
+sql/queries.sql): a method returns None/False when the caller no longer holds the shot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from daemon.sqlfiles import audience_query, query
+
+UNKNOWN_OUTCOME = ("outcome unknown: the daemon stopped while this request was in flight; "
+                   "not resent so the recipient cannot get the shot twice")
+
+
+@dataclass(frozen=True)
+class ClaimedShot:
+    id: int
+    bot_slug: str
+    target: str
+    copy: str
+    media_type: str
+    media_url: str | None
+    recency_days: int | None
+    attempt: int
+    audience_selected: bool
+    requeued: bool
+
+
+@dataclass(frozen=True)
+class RecipientOutcome:
+    telegram_id: int
+    status: str  # 'sent' | 'skipped' | 'error' | 'pending' (not sent after all)
+    error: str | None = None
+    message_id: int | None = None
+    chat_state: str | None = None
+
+
+@dataclass(frozen=True)
+class Tally:
+    """A shot's recipients by outcome, read under the shot's row lock at finish."""
+
+    status: str  # the shot's status when locked: 'running' or 'cancelled'
+    total: int
+    sent: int
+    skipped: int
+    error: int
+    unsent: int
+    top_error: str | None
+    top_error_count: int
+
+
+@dataclass(frozen=True)
+class AttemptCounts:
+    sent: int = 0
+    skipped: int = 0
+    error: int = 0
+
+
+async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=1, max_size=size, server_settings={"application_name": "shotsd"})
+    assert pool is not None
+    return pool
+
+
+class Db:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def claim_shot(self, worker_id: str) -> ClaimedShot | None:
+        """Atomically claims one due shot; None when nothing is due (or every due shot's bot
+        is busy). A lost race on the one-running-per-bot index is retried."""
+        for _ in range(5):
+            try:
+                row = await self.pool.fetchrow(query("claim_shot"), worker_id)
+            except asyncpg.UniqueViolationError:
+                continue  # another daemon started a shot of the same bot first
+            return None if row is None else ClaimedShot(
+                id=row["id"], bot_slug=row["bot_slug"], target=row["target"], copy=row["copy"],
+                media_type=row["media_type"], media_url=row["media_url"],
+                recency_days=row["recency_days"], attempt=row["attempt_count"],
+                audience_selected=row["audience_selected"], requeued=row["requeued"])
+        return None
+
+    async def begin_attempt(self, shot: ClaimedShot, worker_id: str) -> bool:
+        """Opens the attempt: records it, turns recipients left in flight by an earlier holder
+        into 'outcome unknown' errors (never resent), retries failed ones on a requeue."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(query("insert_attempt"), shot.id, shot.attempt, worker_id)
+            await conn.execute(query("mark_unknown_outcomes"), shot.id, UNKNOWN_OUTCOME)
+            if shot.requeued:
+                await conn.execute(query("retry_failed_recipients"), shot.id)
+            return await conn.fetchval(query("recount_shot"), shot.id, worker_id) is not None
+
+    async def select_audience(self, shot: ClaimedShot, worker_id: str) -> int | None:
+        """Materialises the audience once, set-based (INSERT … SELECT); returns its size, or
+        None if the shot is no longer ours (then nothing is written)."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    audience_query(shot.target), shot.id, shot.bot_slug, shot.recency_days)
+                total = await conn.fetchval(query("mark_audience_selected"), shot.id, worker_id)
+                if total is None:
+                    raise _FencedOut  # roll the INSERT back
+                return int(total)
+        except _FencedOut:
+            return None
+
+    async def reserve_recipients(self, shot_id: int, worker_id: str, limit: int) -> list[int]:
+        rows = await self.pool.fetch(query("reserve_recipients"), shot_id, worker_id, limit)
+        return [row["telegram_id"] for row in rows]
+
+    async def shot_status(self, shot_id: int, worker_id: str) -> tuple[str, bool]:
+        """The shot's status and whether `worker_id` still holds it."""
+        row = await self.pool.fetchrow(query("shot_holder"), shot_id, worker_id)
+        return ("deleted", False) if row is None else (row["status"], bool(row["ours"]))
+
+    async def record_outcomes(
+        self, shot_id: int, worker_id: str, outcomes: Sequence[RecipientOutcome]
+    ) -> str | None:
+        """Writes outcomes, contact states, counters and the lease in one round trip.
+        Returns the shot's status, or None when the writer no longer holds the shot."""
+        row = await self.pool.fetchrow(
+            query("record_outcomes"), shot_id, worker_id,
+            [o.telegram_id for o in outcomes], [o.status for o in outcomes],
+            [o.error for o in outcomes], [o.message_id for o in outcomes],
+            [o.chat_state for o in outcomes])
+        return None if row is None else str(row["status"])
+
+    async def finish_shot(
+        self, shot_id: int, worker_id: str, attempt: int, counts: AttemptCounts,
+        decide: Callable[[Tally], tuple[str, str | None]],
+    ) -> str | None:
+        """Sets the final status, counters, last_error and the attempt's outcome in one
+        transaction, under the shot's row lock. Returns the status, None if not ours."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(query("lock_for_finish"), shot_id, worker_id)
+            if row is None:
+                return None
+            tally = Tally(**dict(row))
+            status, last_error = decide(tally)
+            await conn.execute(query("finish_shot"), shot_id, worker_id, status, last_error,
+                               tally.sent, tally.skipped, tally.error)
+            await conn.execute(query("finish_attempt"), shot_id, attempt, status, counts.sent,
+                               counts.skipped, counts.error, last_error)
+            return status
+
+    async def release_shot(
+        self, shot_id: int, worker_id: str, attempt: int, counts: AttemptCounts
+    ) -> bool:
+        """Hands a running shot back to the queue ('released': not a failed attempt)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            released = await conn.fetchval(query("release_shot"), shot_id, worker_id)
+            if released is not None:
+                await conn.execute(query("finish_attempt"), shot_id, attempt, "released",
+                                   counts.sent, counts.skipped, counts.error, None)
+            return released is not None
+
+    async def fail_unclaimable(self, shot_id: int, worker_id: str, attempt: int,
+                               reason: str) -> bool:
+        """Ends a claimed shot with `error` before any recipient is touched."""
+        status = await self.finish_shot(
+            shot_id, worker_id, attempt, AttemptCounts(), lambda _tally: ("error", reason))
+        return status is not None
+
+    async def next_scheduled_at(self) -> datetime | None:
+        value: datetime | None = await self.pool.fetchval(query("next_scheduled_at"))
+        return value
+
+    async def shots_by_status(self) -> dict[str, int]:
+        rows = await self.pool.fetch(query("shots_by_status"))
+        return {row["status"]: row["n"] for row in rows}
+
+    async def running_shots(self) -> list[dict[str, Any]]:
+        return [dict(row) for row in await self.pool.fetch(query("running_shots"))]
+
+
+class _FencedOut(Exception):
+    """Rolls back a transaction whose fenced write found the shot no longer ours."""
+

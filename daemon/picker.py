@@ -1,0 +1,107 @@
+"""Claims due shots and decides when to look again.
+
+The picker looks for due shots every `worker.poll_interval`, when a NOTIFY says a shot was
+inserted or made pending, when a running shot ends (its bot may have another one waiting),
+and at the next known `scheduled_at`, so a due shot starts promptly, not a poll later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import asyncpg
+
+from daemon import logs
+from daemon.db import ClaimedShot, Db
+
+CHANNEL = "shots_queue"
+# Never wake more often than this for a scheduled_at (clock skew between hosts, rounding).
+_MIN_WAIT = 0.05
+
+log = logs.get()
+
+
+class Picker:
+    def __init__(self, db: Db, worker_id: str, max_running: int, poll_interval: float) -> None:
+        self.db = db
+        self.worker_id = worker_id
+        self.max_running = max_running
+        self.poll_interval = poll_interval
+        self.wake = asyncio.Event()
+
+    async def claim_due(self, running: int) -> list[ClaimedShot]:
+        """Claims due shots until `max_running` would be exceeded or none is due."""
+        claimed: list[ClaimedShot] = []
+        while running + len(claimed) < self.max_running:
+            shot = await self.db.claim_shot(self.worker_id)
+            if shot is None:
+                break
+            log.info("shot_claimed", shot_id=shot.id, bot_slug=shot.bot_slug,
+                     attempt=shot.attempt, requeued=shot.requeued)
+            claimed.append(shot)
+        return claimed
+
+    async def next_wait(self) -> float:
+        """Seconds until the picker should look again: the poll, or sooner for a due time."""
+        next_at = await self.db.next_scheduled_at()
+        if next_at is None:
+            return self.poll_interval
+        until = (next_at - datetime.now(UTC)).total_seconds()
+        return min(self.poll_interval, max(_MIN_WAIT, until))
+
+    async def sleep(self, stop: asyncio.Event, seconds: float) -> None:
+        """Sleeps until the timeout, a wake-up or shutdown, whichever comes first."""
+        waiters = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        self.wake.clear()
+
+    async def listen(self, connect: Callable[[], Awaitable[asyncpg.Connection]],
+                     stop: asyncio.Event) -> None:
+        """Holds a dedicated LISTEN connection (a pooled one would lose its LISTEN when
+        recycled); reconnects after a poll interval when it drops. Polling goes on meanwhile."""
+        while not stop.is_set():
+            try:
+                conn = await connect()
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("listen_connect_failed", error=str(exc))
+                await self.sleep_or_stop(stop, self.poll_interval)
+                continue
+            await self._listen_on(conn, stop)
+            if not stop.is_set():
+                log.warning("listen_connection_lost")
+                await self.sleep_or_stop(stop, min(1.0, self.poll_interval))
+
+    async def _listen_on(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
+        """Returns on shutdown or when the connection dies."""
+        closed = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: closed.set())
+        try:
+            await conn.add_listener(CHANNEL, lambda *_args: self.wake.set())
+            self.wake.set()  # anything inserted while we were not listening
+            await _first(stop, closed)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("listen_failed", error=str(exc))
+        finally:
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                                     TimeoutError):
+                await conn.close(timeout=2)
+
+    async def sleep_or_stop(self, stop: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -1,0 +1,123 @@
+"""Wires the parts into the daemon, supervises its tasks and shuts it down gracefully.
+
+Signals only set the stop event. On stop the picker stops claiming, every running shot stops
+sending new requests, drains those in flight, writes their outcomes and releases the shot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import asyncpg
+
+from daemon import logs, migrate
+from daemon.config import Config, effective_rate
+from daemon.db import ClaimedShot, Db, create_pool
+from daemon.picker import Picker
+from daemon.shot import Delivery, ShotRunner
+from daemon.telegram import BotApi, BotPacer, redact
+
+log = logs.get()
+
+
+def new_worker_id() -> str:
+    """Unique per process run, so a restarted daemon never mistakes an old lease for its own."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Service:
+    def __init__(self, config: Config, db: Db, api: BotApi, *, exit_when_idle: bool) -> None:
+        self.config = config
+        self.db = db
+        self.api = api
+        self.exit_when_idle = exit_when_idle
+        self.worker_id = new_worker_id()
+        self.stop = asyncio.Event()
+        self.pacers = {slug: BotPacer(effective_rate(config, slug)) for slug in config.bots}
+        w = config.worker
+        self.picker = Picker(db, self.worker_id, w.max_running_shots, w.poll_interval)
+        self.running: dict[int, asyncio.Task[None]] = {}
+
+    async def serve(self, connect_listener: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
+        log.info("daemon_started", worker_id=self.worker_id, bots=sorted(self.config.bots))
+        async with asyncio.TaskGroup() as tg:
+            listener = tg.create_task(self.picker.listen(connect_listener, self.stop))
+            await self._pick_loop(tg)
+            self.stop.set()  # idle exit: let the listener end too
+            await listener
+        log.info("daemon_stopped", worker_id=self.worker_id)
+
+    async def _pick_loop(self, tg: asyncio.TaskGroup) -> None:
+        while not self.stop.is_set():
+            claimed = await self.picker.claim_due(len(self.running))
+            for shot in claimed:
+                self.running[shot.id] = tg.create_task(self._run_shot(shot))
+            if self.exit_when_idle and not self.running and not claimed:
+                log.info("daemon_idle")
+                return
+            await self.picker.sleep(self.stop, await self.picker.next_wait())
+        await asyncio.gather(*self.running.values(), return_exceptions=True)
+
+    async def _run_shot(self, shot: ClaimedShot) -> None:
+        """Runs one shot; a failure of one shot is logged and never takes the others down."""
+        try:
+            bot = self.config.bots.get(shot.bot_slug)
+            if bot is None:
+                await self._refuse(shot, f"no bot '{shot.bot_slug}' is configured in shotsd "
+                                         f"(add a [bots.{shot.bot_slug}] table to the config)")
+                return
+            delivery = Delivery(self.db, self.api, self.pacers[shot.bot_slug], bot,
+                                self.config.worker, self.config.telegram, self.worker_id)
+            await ShotRunner(shot, delivery, self.stop).run()
+        except Exception as exc:
+            detail = redact(f"{type(exc).__name__}: {exc}", self.config.secrets())
+            log.error("shot_crashed", shot_id=shot.id, bot_slug=shot.bot_slug, error=detail,
+                      traceback=redact(traceback.format_exc(), self.config.secrets()))
+            await self._refuse(shot, f"internal error while running the shot: {detail}")
+        finally:
+            del self.running[shot.id]
+            self.picker.wake.set()  # a slot is free; the bot may have another shot due
+
+    async def _refuse(self, shot: ClaimedShot, reason: str) -> None:
+        try:
+            await self.db.fail_unclaimable(shot.id, self.worker_id, shot.attempt, reason)
+            log.error("shot_failed", shot_id=shot.id, bot_slug=shot.bot_slug, reason=reason)
+        except (OSError, asyncpg.PostgresError) as exc:
+            # The lease will expire and another attempt will be made.
+            log.error("shot_fail_not_recorded", shot_id=shot.id, error=str(exc))
+
+
+async def run(config: Config, *, exit_when_idle: bool = False) -> int:
+    """The daemon's main: connect, check the schema, serve until a signal or idle."""
+    pool = await create_pool(config.database.dsn, config.database.pool_size)
+    try:
+        async with pool.acquire() as conn:
+            await migrate.check(conn)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            api = BotApi(session, config.telegram.api_base, config.telegram.request_timeout)
+            service = Service(config, Db(pool), api, exit_when_idle=exit_when_idle)
+            _install_signal_handlers(service.stop)
+            await service.serve(lambda: asyncpg.connect(config.database.dsn))
+    finally:
+        await pool.close()
+    return 0
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, stop, sig)
+
+
+def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+    if not stop.is_set():
+        log.info("shutdown_requested", signal=sig.name)
+    stop.set()

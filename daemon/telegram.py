@@ -1,0 +1,225 @@
+"""Bot API client: request payloads per media type, outcome classification, per-bot pacing.
+
+Knows nothing about PostgreSQL. Every answer, error or exception becomes a `Result` whose
+text never contains the bot token (aiohttp's own messages embed the URL, which does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import html
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiolimiter import AsyncLimiter
+
+from daemon.config import Secret
+
+MAX_TEXT = 4096
+MAX_CAPTION = 1024
+
+_TAG = re.compile(r"<[^>]*>")
+# 400 answers that are about the shot's content, not the recipient: every recipient would
+# get the same answer, so the shot stops at once instead of burning its audience.
+_SHOT_LEVEL_400 = (
+    "can't parse entities",
+    "wrong file identifier",
+    "failed to get http url content",
+    "message is too long",
+    "message caption is too long",
+    "message text is empty",
+    "wrong type of the web page content",
+    "wrong remote file identifier",
+    "wrong http url",
+    "media_empty",
+    "photo_invalid_dimensions",
+    "text must be non-empty",
+    "message must be non-empty",
+    "there is no photo in the request",
+    "there is no video in the request",
+    "there is no audio in the request",
+)
+_RECIPIENT_SKIPS = (
+    "chat not found",
+    "bot can't initiate conversation",
+    "bot was kicked",
+)
+
+
+class Kind(enum.Enum):
+    SENT = "sent"
+    SKIPPED = "skipped"  # the recipient cannot receive it; not an error of ours
+    FAILED = "failed"  # this recipient failed for good
+    RETRY_AFTER = "retry_after"  # 429: the whole bot must pause
+    TRANSIENT = "transient"  # 5xx, timeout, network: try again later
+    SHOT_FATAL = "shot_fatal"  # the shot itself is wrong; stop it
+    TOKEN_REJECTED = "token_rejected"  # noqa: S105 - 401/404: the bot token is refused
+
+
+@dataclass(frozen=True)
+class Result:
+    kind: Kind
+    description: str = ""
+    message_id: int | None = None
+    chat_state: str | None = None  # new telegram_contacts.chat_state, when the answer says so
+    retry_after: float = 0.0
+    code: str = ""  # HTTP status, or "timeout" / "network": the metrics label
+
+
+@dataclass(frozen=True)
+class ApiCall:
+    method: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Content:
+    """What a shot sends: the copy (Telegram HTML) and optional media."""
+
+    copy: str
+    media_type: str = "none"
+    media_url: str | None = None
+
+
+def text_length(copy: str) -> int:
+    """Characters Telegram counts for an HTML text: tags removed, entities decoded."""
+    return len(html.unescape(_TAG.sub("", copy)))
+
+
+def content_problem(content: Content) -> str | None:
+    """Why this content can never be sent (checked before anyone is sent anything)."""
+    length = text_length(content.copy)
+    if length > MAX_TEXT:
+        return f"copy is {length} characters of text; Telegram allows at most {MAX_TEXT}"
+    if length == 0:
+        return "copy has no visible text once its HTML tags are removed"
+    return None
+
+
+def calls_for(content: Content, chat_id: int) -> list[ApiCall]:
+    """The requests that deliver `content` to one chat, in order (SPEC §5)."""
+    base: dict[str, Any] = {"chat_id": chat_id, "parse_mode": "HTML"}
+    message = ApiCall("sendMessage", base | {
+        "text": content.copy, "link_preview_options": {"is_disabled": True}})
+    if content.media_type == "none" or content.media_url is None:
+        return [message]
+    if content.media_type == "audio":
+        return [ApiCall("sendAudio", {"chat_id": chat_id, "audio": content.media_url}), message]
+    field = content.media_type  # "photo" or "video": the method's media field has its name
+    method = "sendPhoto" if field == "photo" else "sendVideo"
+    if text_length(content.copy) <= MAX_CAPTION:
+        return [ApiCall(method, base | {field: content.media_url, "caption": content.copy})]
+    # Too long for a caption: the media alone, then the copy as its own message.
+    return [ApiCall(method, {"chat_id": chat_id, field: content.media_url}), message]
+
+
+def classify(status: int, body: Any) -> Result:
+    """Maps one Bot API answer (HTTP status + decoded JSON) to what it means for the shot."""
+    code = str(status)
+    if not isinstance(body, dict):
+        return Result(Kind.TRANSIENT, f"HTTP {status} without a Bot API answer", code=code)
+    if body.get("ok") is True:
+        result = body.get("result")
+        message_id = result.get("message_id") if isinstance(result, dict) else None
+        return Result(Kind.SENT, message_id=message_id if isinstance(message_id, int) else None,
+                      code=code)
+    description = str(body.get("description") or f"HTTP {status}")
+    error_code = body.get("error_code")
+    effective = error_code if isinstance(error_code, int) else status
+    return _classify_error(effective, description, body.get("parameters"), code)
+
+
+def _classify_error(status: int, description: str, parameters: Any, code: str) -> Result:
+    lowered = description.lower()
+    if status == 429:
+        retry = parameters.get("retry_after") if isinstance(parameters, dict) else None
+        seconds = float(retry) if isinstance(retry, int | float) and retry > 0 else 1.0
+        return Result(Kind.RETRY_AFTER, description, retry_after=seconds, code=code)
+    if status in (401, 404):
+        return Result(Kind.TOKEN_REJECTED, description, code=code)
+    if status >= 500:
+        return Result(Kind.TRANSIENT, description, code=code)
+    if status == 403 and "bot was blocked by the user" in lowered:
+        return Result(Kind.SKIPPED, description, chat_state="blocked", code=code)
+    if status == 403 and "user is deactivated" in lowered:
+        return Result(Kind.SKIPPED, description, chat_state="deactivated", code=code)
+    if any(marker in lowered for marker in _RECIPIENT_SKIPS):
+        return Result(Kind.SKIPPED, description, code=code)
+    if status == 400 and any(marker in lowered for marker in _SHOT_LEVEL_400):
+        return Result(Kind.SHOT_FATAL, description, code=code)
+    return Result(Kind.FAILED, description, code=code)
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+class BotPacer:
+    """Paces one bot's requests: never more than `rate` in any 1-second window.
+
+    A leaky bucket of capacity one (aiolimiter with max_rate=1 per 1/rate seconds) admits one
+    request every 1/rate seconds from the very first, so there is no start-up burst. `pause`
+    holds every request of the bot until a 429's retry_after has passed.
+    """
+
+    def __init__(self, rate_per_second: float) -> None:
+        self.rate = rate_per_second
+        self._limiter = AsyncLimiter(1, 1.0 / rate_per_second)
+        self._resume_at = 0.0  # time.monotonic()
+
+    def pause(self, seconds: float) -> None:
+        self._resume_at = max(self._resume_at, time.monotonic() + seconds)
+
+    @property
+    def paused_for(self) -> float:
+        return max(0.0, self._resume_at - time.monotonic())
+
+    async def acquire(self) -> None:
+        while True:
+            while (delay := self.paused_for) > 0:
+                await asyncio.sleep(delay)
+            await self._limiter.acquire()
+            if self.paused_for == 0:
+                return
+            # A 429 arrived while we queued: this slot falls inside the pause; wait it out.
+
+
+class BotApi:
+    """Sends Bot API requests; always returns a Result, never raises for Telegram's sake."""
+
+    def __init__(self, session: aiohttp.ClientSession, api_base: str, timeout: float) -> None:
+        self._session = session
+        self._api_base = api_base.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def call(self, token: Secret, call: ApiCall) -> Result:
+        url = f"{self._api_base}/bot{token.reveal()}/{call.method}"
+        try:
+            async with self._session.post(url, json=call.payload, timeout=self._timeout) as resp:
+                try:
+                    body = await resp.json(content_type=None)
+                except ValueError:
+                    body = None
+                return classify(resp.status, body)
+        except TimeoutError:
+            return Result(Kind.TRANSIENT, f"no answer within {self._timeout.total:g} s",
+                          code="timeout")
+        except aiohttp.ClientError as exc:
+            # str(exc) may carry the URL, and with it the token: describe by type only.
+            detail = redact(_client_error_detail(exc), [token.reveal()])
+            return Result(Kind.TRANSIENT, f"network error: {detail}", code="network")
+
+
+def _client_error_detail(exc: aiohttp.ClientError) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"{type(exc).__name__} ({exc.os_error.strerror or 'connect failed'})"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__} (HTTP {exc.status})"
+    return type(exc).__name__
