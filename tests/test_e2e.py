@@ -1,0 +1,248 @@
+"""`shotsd run` as a real subprocess against the Bot API emulator and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.botapi import Blocked, BotApiEmulator, ChatNotFound, Deactivated, ServerError
+from tests.conftest import (
+    TOKEN,
+    Finished,
+    add_contacts,
+    add_shot,
+    run_shotsd,
+    start_shotsd,
+    write_config,
+)
+
+
+async def _shot(pool: asyncpg.Pool, shot_id: int) -> asyncpg.Record:
+    row = await pool.fetchrow("SELECT *, status::text AS status FROM shots_queue WHERE id = $1",
+                              shot_id)
+    assert row is not None
+    return row
+
+
+async def _recipients(pool: asyncpg.Pool, shot_id: int) -> dict[int, asyncpg.Record]:
+    rows = await pool.fetch("SELECT *, status::text AS status FROM shots_sent "
+                            "WHERE shot_id = $1 ORDER BY position", shot_id)
+    return {r["telegram_id"]: r for r in rows}
+
+
+def _assert_no_secret(done: Finished) -> None:
+    assert TOKEN not in done.stdout and TOKEN not in done.stderr
+
+
+async def _run_idle(cfg: Path) -> Finished:
+    done = await run_shotsd("run", "--exit-when-idle", "--config", str(cfg))
+    assert done.returncode == 0, done.stderr + done.stdout[-2000:]
+    _assert_no_secret(done)
+    return done
+
+
+@pytest.mark.asyncio
+async def test_one_shot_end_to_end(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    audience = list(range(1000, 1120))
+    await add_contacts(pool, "shop", audience)
+    await add_contacts(pool, "shop", [5, 6], state="blocked")  # never selected
+    emulator.script(1003, Blocked())
+    emulator.script(1004, Deactivated())
+    emulator.script(1005, ChatNotFound())
+    emulator.script(1006, ServerError(400, "Bad Request: user not found"))
+    shot = await add_shot(pool, copy="Promo <b>today</b> &amp; only today")
+    cfg = write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                       telegram={"rate_per_second": 40.0})
+
+    done = await _run_idle(cfg)
+
+    row = await _shot(pool, shot)
+    assert row["status"] == "error"  # one recipient failed for good
+    assert row["last_error"] == "1 of 120 recipients failed; most frequent: Bad Request: user not found (1)"
+    assert (row["audience_total"], row["sent_count"], row["skipped_count"],
+            row["error_count"]) == (120, 116, 3, 1)
+    assert row["finished_at"] is not None and row["attempt_count"] == 1
+
+    recipients = await _recipients(pool, shot)
+    assert list(recipients) == audience  # hot leads first, each once
+    delivered = {r.chat_id: r for r in emulator.delivered()}
+    for telegram_id, rec in recipients.items():
+        if telegram_id in (1003, 1004, 1005):
+            assert rec["status"] == "skipped" and rec["message_id"] is None
+        elif telegram_id == 1006:
+            assert (rec["status"], rec["error"]) == ("error", "Bad Request: user not found")
+        else:
+            assert rec["status"] == "sent" and rec["sent_at"] is not None
+            assert rec["message_id"] == delivered[telegram_id].response["result"]["message_id"]
+    assert recipients[1003]["error"] == "Forbidden: bot was blocked by the user"
+
+    states = dict(await pool.fetch(
+        "SELECT telegram_id, chat_state FROM telegram_contacts WHERE telegram_id IN (1003, 1004)"))
+    assert states == {1003: "blocked", 1004: "deactivated"}
+
+    per_chat = Counter(r.chat_id for r in emulator.requests)
+    assert set(per_chat) == set(audience) and max(per_chat.values()) == 1
+    first = emulator.requests[0]
+    assert first.method == "sendMessage" and first.payload == {
+        "chat_id": first.chat_id, "parse_mode": "HTML",
+        "text": "Promo <b>today</b> &amp; only today",
+        "link_preview_options": {"is_disabled": True}}
+    assert emulator.max_in_window(TOKEN) <= 40
+
+    attempt = await pool.fetchrow("SELECT *, outcome::text FROM shots_attempts WHERE shot_id = $1",
+                                  shot)
+    assert (attempt["attempt"], attempt["outcome"], attempt["sent_count"],
+            attempt["skipped_count"], attempt["error_count"]) == (1, "error", 116, 3, 1)
+    events = done.events()
+    for event in ("daemon_started", "shot_claimed", "audience_selected", "batch_sent",
+                  "shot_finished", "daemon_stopped"):
+        assert event in events
+    # outcomes are written in batches, not one statement per recipient
+    assert events.count("batch_sent") <= 20
+
+
+@pytest.mark.asyncio
+async def test_pacing_has_no_start_up_burst(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 61))
+    await add_shot(pool)
+    cfg = write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                       telegram={"rate_per_second": 20.0})
+    await _run_idle(cfg)
+    arrivals = [r.at for r in emulator.requests]
+    assert len(arrivals) == 60
+    assert emulator.max_in_window(TOKEN) <= 20
+    assert sum(1 for t in arrivals if t < arrivals[0] + 1.0) <= 20
+    # and the limiter, not the concurrency cap, set the pace: ~3 s for 60 at 20/s
+    assert arrivals[-1] - arrivals[0] >= 59 / 20 - 0.1
+
+
+@pytest.mark.asyncio
+async def test_unknown_bot_and_bad_copy_fail_alone_while_other_shots_are_served(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 11))
+    await add_contacts(pool, "ghost", range(1, 11))
+    ghost = await add_shot(pool, "ghost")
+    too_long = await add_shot(pool, "shop", copy="x" * 5000)
+    broken_html = await add_shot(pool, "shop", copy="<blink>hi</blink>")
+    good = await add_shot(pool, "shop")
+    cfg = write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                       telegram={"rate_per_second": 200.0})
+
+    await _run_idle(cfg)
+
+    ghost_row = await _shot(pool, ghost)
+    assert ghost_row["status"] == "error"
+    assert "no bot 'ghost' is configured" in ghost_row["last_error"]
+    long_row = await _shot(pool, too_long)
+    assert long_row["status"] == "error" and "5000 characters" in long_row["last_error"]
+    assert await _recipients(pool, too_long) == {}  # refused before anything was selected
+    html_row = await _shot(pool, broken_html)
+    assert html_row["status"] == "error"
+    assert "can't parse entities" in html_row["last_error"]
+    html_recipients = await _recipients(pool, broken_html)
+    assert {r["status"] for r in html_recipients.values()} == {"pending"}  # for a requeue
+    assert (await _shot(pool, good))["status"] == "sent"
+    assert len(emulator.delivered()) == 10
+
+
+@pytest.mark.asyncio
+async def test_empty_audience_is_skipped(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", [1], state="blocked")
+    shot = await add_shot(pool, "shop")
+    await _run_idle(write_config(tmp_path / "c.toml", dsn, emulator.base_url))
+    row = await _shot(pool, shot)
+    assert (row["status"], row["audience_total"]) == ("skipped", 0)
+    assert emulator.requests == []
+
+
+async def _wait_until(pool: asyncpg.Pool, sql: str, *args: object, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not await pool.fetchval(sql, *args):
+        assert time.monotonic() < deadline, f"timed out waiting for: {sql}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.asyncio
+async def test_sigterm_drains_releases_and_the_next_run_resumes(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 201))
+    shot = await add_shot(pool)
+    emulator.latency = 0.2  # requests are in flight when the signal arrives
+    cfg = write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                       telegram={"rate_per_second": 50.0})
+    proc = await start_shotsd("run", "--config", str(cfg))
+    try:
+        await _wait_until(pool, "SELECT sent_count >= 20 FROM shots_queue WHERE id = $1", shot)
+        proc.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        out, _err = await asyncio.wait_for(proc.communicate(), 10)
+        assert proc.returncode == 0
+        assert time.monotonic() - stopped_at < 10
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert b"shot_released" in out
+    row = await _shot(pool, shot)
+    assert row["status"] == "pending" and row["sent_count"] < 200
+    statuses = Counter(r["status"] for r in (await _recipients(pool, shot)).values())
+    assert statuses["sending"] == 0  # every in-flight request was drained and written
+    assert statuses["sent"] == len(emulator.delivered())
+    attempt = await pool.fetchval("SELECT outcome::text FROM shots_attempts WHERE shot_id = $1",
+                                  shot)
+    assert attempt == "released"
+
+    emulator.latency = 0.0
+    await _run_idle(cfg)
+    row = await _shot(pool, shot)
+    assert (row["status"], row["sent_count"], row["attempt_count"]) == ("sent", 200, 2)
+    per_chat = Counter(r.chat_id for r in emulator.requests)
+    assert len(per_chat) == 200 and max(per_chat.values()) == 1
+
+
+@pytest.mark.asyncio
+async def test_sigkill_mid_shot_never_resends(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 151))
+    shot = await add_shot(pool)
+    emulator.latency = 0.3
+    cfg = write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                       telegram={"rate_per_second": 60.0}, worker={"concurrency": 20})
+    proc = await start_shotsd("run", "--config", str(cfg))
+    try:
+        await _wait_until(pool, "SELECT sent_count >= 30 FROM shots_queue WHERE id = $1", shot)
+        proc.kill()
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    in_flight = await pool.fetchval(
+        "SELECT count(*) FROM shots_sent WHERE shot_id = $1 AND status = 'sending'", shot)
+    assert 0 < in_flight <= 20  # bounded by the in-flight window
+    # SIGKILL leaves the shot 'running' under a dead lease; hand it back as a lease reset would.
+    await pool.execute("UPDATE shots_queue SET status = 'pending' WHERE id = $1", shot)
+    emulator.latency = 0.0
+    await _run_idle(cfg)
+
+    recipients = await _recipients(pool, shot)
+    unknown = [r for r in recipients.values()
+               if r["status"] == "error" and r["error"].startswith("outcome unknown")]
+    assert len(unknown) == in_flight
+    assert {r["status"] for r in recipients.values()} <= {"sent", "error"}
+    per_chat = Counter(r.chat_id for r in emulator.requests)
+    assert max(per_chat.values()) == 1  # nobody got the shot twice
+    assert (await _shot(pool, shot))["status"] == "error"
