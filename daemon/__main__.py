@@ -42,12 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"shotsd: configuration error:\n{exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "check-config":
+        for warning in config.warnings:
+            print(f"shotsd: warning: {warning}", file=sys.stderr)
+        print(json.dumps(describe(config), indent=2))
+        return EXIT_OK
     logs.configure(config.logging.level, config.logging.format, config.secrets())
     for warning in config.warnings:
         logs.get().warning("config_warning", detail=warning)
-    if args.command == "check-config":
-        print(json.dumps(describe(config), indent=2))
-        return EXIT_OK
     commands = {
         "run": lambda: service.run(config, exit_when_idle=args.exit_when_idle),
         "migrate": lambda: _migrate(config),

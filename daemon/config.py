@@ -15,13 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 DEFAULT_PATH = Path("/etc/shotsd/config.toml")
 DSN_ENV = "SHOTS_DATABASE_URL"
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _TOKEN = re.compile(r"^[0-9]{1,20}:[A-Za-z0-9_-]{1,200}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PORT = re.compile(r"[0-9]{1,5}")
 T = TypeVar("T")
 
 
@@ -58,7 +59,7 @@ class Secret:
 
 @dataclass(frozen=True)
 class DatabaseConfig:
-    dsn: str = "postgresql://shotsd@localhost/app"
+    dsn: str = field(default="postgresql://shotsd@localhost/app", repr=False)  # may hold a password
     pool_size: int = 10
 
 
@@ -118,10 +119,9 @@ class Config:
     def secrets(self) -> list[str]:
         """Every secret value in this config, for log and error masking."""
         values = [bot.token.reveal() for bot in self.bots.values()]
-        password = urlsplit(self.database.dsn).password
-        if password:
-            values.append(password)
-        return values
+        parts = urlsplit(self.database.dsn)
+        values += [parts.password or "", *parse_qs(parts.query).get("password", [])]
+        return [value for value in values if value]
 
 
 class _Table:
@@ -195,6 +195,8 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not valid UTF-8"]) from None
     return parse(data, env, base_dir=path.parent)
 
 
@@ -266,7 +268,7 @@ def _bots(
     bots: dict[str, BotConfig] = {}
     for slug in list(t.data):
         bot = t.table(slug)
-        if not _SLUG.match(slug):
+        if not _SLUG.fullmatch(slug):
             t.problem(slug, "bot slug must be letters, digits, '_' or '-' (at most 64)")
         resolved = _token(bot, env, base_dir)
         if "token" in bot.data and resolved is not None:
@@ -297,7 +299,11 @@ def _token(bot: _Table, env: Mapping[str, str], base_dir: Path) -> tuple[str, st
     if not isinstance(value, str):
         return None  # already reported by get()
     if source == "token_env":
-        if not _ENV_NAME.match(value):
+        if _TOKEN.fullmatch(value.strip()):
+            bot.problem(source, "holds what looks like a bot token itself; put the token in "
+                                "the environment and name the variable here")
+            return None
+        if not _ENV_NAME.fullmatch(value):
             bot.problem(source, f"{value!r} is not an environment variable name")
             return None
         if not env.get(value):
@@ -305,16 +311,22 @@ def _token(bot: _Table, env: Mapping[str, str], base_dir: Path) -> tuple[str, st
             return None
         token, where = env[value].strip(), f"token_env = {value}"
     elif source == "token_file":
+        if _TOKEN.fullmatch(value.strip()):
+            bot.problem(source, "holds what looks like a bot token, not a file path")
+            return None
         path = _credential_path(value, env, base_dir)
         try:
             token = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
             bot.problem(source, f"cannot read {path}: {exc.strerror}")
             return None
+        except UnicodeDecodeError:
+            bot.problem(source, f"{path} is not a text file")
+            return None
         where = f"token_file = {path}"
     else:
         token, where = value.strip(), "token"
-    if not _TOKEN.match(token):
+    if not _TOKEN.fullmatch(token):
         bot.problem(source, f"{where} does not hold a bot token (expected <digits>:<secret>)")
         return None
     return token, where
@@ -331,7 +343,7 @@ def _credential_path(value: str, env: Mapping[str, str], base_dir: Path) -> Path
 def _metrics(t: _Table) -> MetricsConfig:
     listen = t.get("listen", str, MetricsConfig.listen)
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not _PORT.fullmatch(port) or int(port) > 65535:
         t.problem("listen", f"must be host:port (e.g. 127.0.0.1:9464), got {listen!r}")
         listen = MetricsConfig.listen
     t.finish()
@@ -350,10 +362,11 @@ def _logging(t: _Table) -> LoggingConfig:
 def mask_dsn(dsn: str) -> str:
     """The DSN with its password replaced by ***, for printing."""
     parts = urlsplit(dsn)
-    if not parts.password:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if parts.password:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def effective_rate(config: Config, slug: str) -> float:

@@ -167,16 +167,20 @@ async def _run_as_owner(cmd: list[str], cwd: Path) -> tuple[int, str]:
     # cwd inside our dir: the postgres user may not be able to enter the caller's cwd.
     # PG* variables (PGDATA, PGPORT, ...) are dropped so they cannot redirect the tools.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    proc = await asyncio.create_subprocess_exec(
-        *_as_postgres(cmd),
-        cwd=cwd,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    return proc.returncode or 0, out.decode(errors="replace")
+    # Output goes to a file, not a pipe: the postmaster that `pg_ctl start` leaves behind
+    # would otherwise hold the pipe open, and under uvloop reading it never ends.
+    with tempfile.TemporaryFile() as out:
+        proc = await asyncio.create_subprocess_exec(
+            *_as_postgres(cmd),
+            cwd=cwd,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        await proc.wait()
+        out.seek(0)
+        return proc.returncode or 0, out.read().decode(errors="replace")
 
 
 def _free_port() -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.botapi import Blocked, BotApiEmulator, ChatNotFound, Deactivated, ServerError
+from tests.botapi import Blocked, BotApiEmulator, ChatNotFound, Deactivated, Ok, ServerError
 from tests.conftest import (
     TOKEN,
     Finished,
@@ -37,7 +37,8 @@ async def _recipients(pool: asyncpg.Pool, shot_id: int) -> dict[int, asyncpg.Rec
 
 
 def _assert_no_secret(done: Finished) -> None:
-    assert TOKEN not in done.stdout and TOKEN not in done.stderr
+    assert TOKEN not in done.stdout
+    assert TOKEN not in done.stderr
 
 
 async def _run_idle(cfg: Path) -> Finished:
@@ -66,21 +67,25 @@ async def test_one_shot_end_to_end(
 
     row = await _shot(pool, shot)
     assert row["status"] == "error"  # one recipient failed for good
-    assert row["last_error"] == "1 of 120 recipients failed; most frequent: Bad Request: user not found (1)"
+    assert row["last_error"] == (
+        "1 of 120 recipients failed; most frequent: Bad Request: user not found (1)")
     assert (row["audience_total"], row["sent_count"], row["skipped_count"],
             row["error_count"]) == (120, 116, 3, 1)
-    assert row["finished_at"] is not None and row["attempt_count"] == 1
+    assert row["finished_at"] is not None
+    assert row["attempt_count"] == 1
 
     recipients = await _recipients(pool, shot)
     assert list(recipients) == audience  # hot leads first, each once
     delivered = {r.chat_id: r for r in emulator.delivered()}
     for telegram_id, rec in recipients.items():
         if telegram_id in (1003, 1004, 1005):
-            assert rec["status"] == "skipped" and rec["message_id"] is None
+            assert rec["status"] == "skipped"
+            assert rec["message_id"] is None
         elif telegram_id == 1006:
             assert (rec["status"], rec["error"]) == ("error", "Bad Request: user not found")
         else:
-            assert rec["status"] == "sent" and rec["sent_at"] is not None
+            assert rec["status"] == "sent"
+            assert rec["sent_at"] is not None
             assert rec["message_id"] == delivered[telegram_id].response["result"]["message_id"]
     assert recipients[1003]["error"] == "Forbidden: bot was blocked by the user"
 
@@ -89,9 +94,11 @@ async def test_one_shot_end_to_end(
     assert states == {1003: "blocked", 1004: "deactivated"}
 
     per_chat = Counter(r.chat_id for r in emulator.requests)
-    assert set(per_chat) == set(audience) and max(per_chat.values()) == 1
+    assert set(per_chat) == set(audience)
+    assert max(per_chat.values()) == 1
     first = emulator.requests[0]
-    assert first.method == "sendMessage" and first.payload == {
+    assert first.method == "sendMessage"
+    assert first.payload == {
         "chat_id": first.chat_id, "parse_mode": "HTML",
         "text": "Promo <b>today</b> &amp; only today",
         "link_preview_options": {"is_disabled": True}}
@@ -145,7 +152,8 @@ async def test_unknown_bot_and_bad_copy_fail_alone_while_other_shots_are_served(
     assert ghost_row["status"] == "error"
     assert "no bot 'ghost' is configured" in ghost_row["last_error"]
     long_row = await _shot(pool, too_long)
-    assert long_row["status"] == "error" and "5000 characters" in long_row["last_error"]
+    assert long_row["status"] == "error"
+    assert "5000 characters" in long_row["last_error"]
     assert await _recipients(pool, too_long) == {}  # refused before anything was selected
     html_row = await _shot(pool, broken_html)
     assert html_row["status"] == "error"
@@ -197,7 +205,8 @@ async def test_sigterm_drains_releases_and_the_next_run_resumes(
             proc.kill()
     assert b"shot_released" in out
     row = await _shot(pool, shot)
-    assert row["status"] == "pending" and row["sent_count"] < 200
+    assert row["status"] == "pending"
+    assert row["sent_count"] < 200
     statuses = Counter(r["status"] for r in (await _recipients(pool, shot)).values())
     assert statuses["sending"] == 0  # every in-flight request was drained and written
     assert statuses["sent"] == len(emulator.delivered())
@@ -210,7 +219,8 @@ async def test_sigterm_drains_releases_and_the_next_run_resumes(
     row = await _shot(pool, shot)
     assert (row["status"], row["sent_count"], row["attempt_count"]) == ("sent", 200, 2)
     per_chat = Counter(r.chat_id for r in emulator.requests)
-    assert len(per_chat) == 200 and max(per_chat.values()) == 1
+    assert len(per_chat) == 200
+    assert max(per_chat.values()) == 1
 
 
 @pytest.mark.asyncio
@@ -246,3 +256,43 @@ async def test_sigkill_mid_shot_never_resends(
     per_chat = Counter(r.chat_id for r in emulator.requests)
     assert max(per_chat.values()) == 1  # nobody got the shot twice
     assert (await _shot(pool, shot))["status"] == "error"
+
+
+@pytest.mark.asyncio
+async def test_cancel_stops_a_running_shot_and_requeue_resumes_it(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 301))
+    shot = await add_shot(pool)
+    emulator.script(7, ServerError(400, "Bad Request: user not found"), Ok())
+    cfg = write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                       telegram={"rate_per_second": 50.0})
+    proc = await start_shotsd("run", "--config", str(cfg))
+    try:
+        await _wait_until(pool, "SELECT sent_count >= 20 FROM shots_queue WHERE id = $1", shot)
+        await pool.execute("UPDATE shots_queue SET status = 'cancelled' WHERE id = $1", shot)
+        cancelled_at = time.monotonic()
+        await _wait_until(pool, "SELECT finished_at IS NOT NULL FROM shots_queue WHERE id = $1",
+                          shot)
+        assert time.monotonic() - cancelled_at < 2.5
+        requests_after_cancel = [r for r in emulator.requests
+                                 if r.at > cancelled_at + 0.5]  # in-flight ones drain first
+        assert requests_after_cancel == []
+        row = await _shot(pool, shot)
+        assert row["status"] == "cancelled"
+        assert "cancelled by an operator" in row["last_error"]
+        statuses = Counter(r["status"] for r in (await _recipients(pool, shot)).values())
+        assert statuses["pending"] > 0
+        assert statuses["sending"] == 0
+
+        await pool.execute("UPDATE shots_queue SET status = 'pending' WHERE id = $1", shot)
+        await _wait_until(pool, "SELECT status = 'sent' FROM shots_queue WHERE id = $1", shot)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 10)
+    row = await _shot(pool, shot)
+    assert (row["sent_count"], row["error_count"], row["attempt_count"]) == (300, 0, 2)
+    per_chat = Counter(r.chat_id for r in emulator.delivered())
+    assert len(per_chat) == 300
+    assert max(per_chat.values()) == 1
+    assert [r.status for r in emulator.requests if r.chat_id == 7] == [400, 200]  # retried

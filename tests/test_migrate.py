@@ -100,8 +100,10 @@ async def test_cli_migrate_then_run_refuses_behind_schema(empty_dsn: str, tmp_pa
 
     first = await run_shotsd("migrate", "--config", str(cfg))
     again = await run_shotsd("migrate", "--config", str(cfg))
-    assert first.returncode == 0 and "applied 1 migration(s): 0001_shots" in first.stdout
-    assert again.returncode == 0 and "applied 0 migration(s)" in again.stdout
+    assert first.returncode == 0
+    assert "applied 1 migration(s): 0001_shots" in first.stdout
+    assert again.returncode == 0
+    assert "applied 0 migration(s)" in again.stdout
 
     conn = await asyncpg.connect(empty_dsn)
     try:

@@ -25,9 +25,11 @@ async def test_two_claimers_racing_for_one_shot_one_wins(dsn: str, pool: asyncpg
     winners = [r for r in results if r is not None]
     assert [w.id for w in winners] == [shot]
     row = await pool.fetchrow("SELECT * FROM shots_queue WHERE id = $1", shot)
-    assert row["status"] == "running" and row["attempt_count"] == 1
+    assert row["status"] == "running"
+    assert row["attempt_count"] == 1
     assert row["worker_id"] in {f"w{i}" for i in range(8)}
-    assert row["started_at"] is not None and row["heartbeat_at"] is not None
+    assert row["started_at"] is not None
+    assert row["heartbeat_at"] is not None
 
 
 @pytest.mark.asyncio
@@ -39,7 +41,9 @@ async def test_at_most_one_running_shot_per_bot(pool: asyncpg.Pool) -> None:
     a = await db.claim_shot(WORKER_A)
     b = await db.claim_shot(WORKER_B)
     c = await db.claim_shot(WORKER_B)
-    assert a is not None and b is not None and c is None
+    assert a is not None
+    assert b is not None
+    assert c is None
     assert (a.id, b.id) == (first, other)  # oldest first; shop's second shot waits
     with pytest.raises(asyncpg.UniqueViolationError, match="shots_queue_one_running_per_bot"):
         await pool.execute("UPDATE shots_queue SET status = 'running', worker_id = 'x', "
@@ -75,7 +79,8 @@ async def test_future_and_non_pending_shots_are_not_claimed(pool: asyncpg.Pool) 
 async def _audience(pool: asyncpg.Pool, shot_id: int) -> list[int]:
     db = Db(pool)
     claimed = await db.claim_shot(WORKER_A)
-    assert claimed is not None and claimed.id == shot_id
+    assert claimed is not None
+    assert claimed.id == shot_id
     assert await db.select_audience(claimed, WORKER_A) is not None
     rows = await pool.fetch(
         "SELECT telegram_id, position, status::text FROM shots_sent WHERE shot_id = $1 "
@@ -123,7 +128,8 @@ async def test_audience_is_selected_once(pool: asyncpg.Pool) -> None:
     assert claimed is None  # still running: nobody else can claim it
     await pool.execute("UPDATE shots_queue SET status = 'pending' WHERE id = $1", shot)
     again = await Db(pool).claim_shot(WORKER_B)
-    assert again is not None and again.audience_selected
+    assert again is not None
+    assert again.audience_selected
 
 
 @pytest.mark.asyncio

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -81,13 +82,16 @@ def test_photo_with_caption_and_caption_overflow() -> None:
         "sendPhoto", url, "short")
     long_copy = "<b>" + "x" * 1025 + "</b>"
     media, message = calls_for(Content(long_copy, "video", url), 1)
-    assert media.method == "sendVideo" and "caption" not in media.payload
-    assert message.method == "sendMessage" and message.payload["text"] == long_copy
+    assert media.method == "sendVideo"
+    assert "caption" not in media.payload
+    assert message.method == "sendMessage"
+    assert message.payload["text"] == long_copy
 
 
 def test_audio_goes_first_then_the_copy() -> None:
     audio, message = calls_for(Content("listen", "audio", "https://cdn.test/a.mp3"), 5)
-    assert audio.method == "sendAudio" and audio.payload == {
+    assert audio.method == "sendAudio"
+    assert audio.payload == {
         "chat_id": 5, "audio": "https://cdn.test/a.mp3"}
     assert message.method == "sendMessage"
 
@@ -96,7 +100,8 @@ def test_text_length_counts_visible_characters() -> None:
     assert text_length("<b>a&amp;b</b> <a href=\"https://x\">link</a>") == len("a&b link")
     assert content_problem(Content("<i>" + "y" * 4096 + "</i>")) is None
     problem = content_problem(Content("y" * 4097))
-    assert problem is not None and "4097" in problem
+    assert problem is not None
+    assert "4097" in problem
     assert content_problem(Content("<b></b>")) is not None
 
 
@@ -114,8 +119,10 @@ def test_decide_finish() -> None:
     assert status == "error"
     assert last_error == "3 of 10 recipients failed; most frequent: Bad Request: user not found (2)"
     status, last_error = decide_finish(_tally(sent=2, unsent=8), "bot token for 'x' rejected")
-    assert status == "error" and last_error is not None
-    assert last_error.startswith("bot token for 'x' rejected") and "8 not sent" in last_error
+    assert status == "error"
+    assert last_error is not None
+    assert last_error.startswith("bot token for 'x' rejected")
+    assert "8 not sent" in last_error
     assert decide_finish(_tally(status="cancelled", unsent=4), None)[0] == "cancelled"
 
 
@@ -129,8 +136,10 @@ def test_masker_hides_tokens_in_every_field() -> None:
         "worker_id": "vm:8708:20f630a1",
         "count": 3,
     })
-    assert token not in str(event) and "654321:TEST" not in str(event)
-    assert event["worker_id"] == "vm:8708:20f630a1" and event["count"] == 3
+    assert token not in str(event)
+    assert "654321:TEST" not in str(event)
+    assert event["worker_id"] == "vm:8708:20f630a1"
+    assert event["count"] == 3
 
 
 @pytest.mark.asyncio
@@ -143,7 +152,7 @@ async def test_pacer_has_no_start_up_burst_and_honours_pauses() -> None:
         stamps.append(time.monotonic())
 
     await asyncio.gather(*(one() for _ in range(25)))
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     assert min(gaps) >= 0.049 - 0.002  # one request every 1/rate s from the very first
     assert sum(1 for t in stamps if t < stamps[0] + 1.0) <= 20
     pacer.pause(0.3)
