@@ -14,6 +14,7 @@ async def test_private_cluster_starts_serves_and_is_removed(
 ) -> None:
     monkeypatch.setenv(ENV_FORCE_PRIVATE, "1")
     server = await find_or_start(log=lambda _msg: None)
+    directory = server.private_dir
     try:
         assert server.private_dir is not None
         assert server.private_dir.exists()
@@ -26,6 +27,7 @@ async def test_private_cluster_starts_serves_and_is_removed(
             await conn.close()
     finally:
         await server.stop()
-    assert not server.private_dir.exists()
+    assert directory is not None
+    assert not directory.exists()
     with pytest.raises((OSError, asyncpg.PostgresError)):
         await asyncpg.connect(server.dsn, timeout=2)
