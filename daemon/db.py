@@ -63,11 +63,32 @@ class AttemptCounts:
     error: int = 0
 
 
-async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
+@dataclass(eq=False)  # hashable: asyncpg keeps query loggers in a set
+class RoundTrips:
+    """Statements sent to PostgreSQL by a pool's connections (BEGIN/COMMIT included)."""
+
+    count: int = 0
+
+    def __call__(self, _record: object) -> None:
+        self.count += 1
+
+
+async def create_pool(dsn: str, size: int, trips: RoundTrips | None = None) -> asyncpg.Pool:
+    async def init(conn: asyncpg.Connection) -> None:
+        if trips is not None:
+            conn.add_query_logger(trips)
+
     pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=size, server_settings={"application_name": "shotsd"})
+        dsn, min_size=1, max_size=size, init=init, reset=_keep_session,
+        server_settings={"application_name": "shotsd"})
     assert pool is not None
     return pool
+
+
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Replaces asyncpg's per-release RESET ALL/UNLISTEN round trip: pooled connections never
+    change session state (LISTEN and advisory locks use dedicated connections), and asyncpg
+    still rolls back any transaction left open before this runs."""
 
 
 class Db:

@@ -19,7 +19,7 @@ import asyncpg
 
 from daemon import logs, migrate
 from daemon.config import Config, effective_rate
-from daemon.db import ClaimedShot, Db, create_pool
+from daemon.db import ClaimedShot, Db, RoundTrips, create_pool
 from daemon.picker import Picker
 from daemon.shot import Delivery, ShotRunner
 from daemon.telegram import BotApi, BotPacer, redact
@@ -96,7 +96,8 @@ class Service:
 
 async def run(config: Config, *, exit_when_idle: bool = False) -> int:
     """The daemon's main: connect, check the schema, serve until a signal or idle."""
-    pool = await create_pool(config.database.dsn, config.database.pool_size)
+    trips = RoundTrips()
+    pool = await create_pool(config.database.dsn, config.database.pool_size, trips)
     try:
         async with pool.acquire() as conn:
             await migrate.check(conn)
@@ -108,6 +109,7 @@ async def run(config: Config, *, exit_when_idle: bool = False) -> int:
             await service.serve(lambda: asyncpg.connect(config.database.dsn))
     finally:
         await pool.close()
+        log.info("database_round_trips", db_round_trips=trips.count)
     return 0
 
 
