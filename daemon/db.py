@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -57,6 +56,12 @@ class Tally:
 
 
 @dataclass(frozen=True)
+class Cycle:
+    status: str | None  # the shot's status; None when the caller no longer holds it
+    reserved: list[int]  # recipients now 'sending', in send order
+
+
+@dataclass(frozen=True)
 class AttemptCounts:
     sent: int = 0
     skipped: int = 0
@@ -91,16 +96,31 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
     still rolls back any transaction left open before this runs."""
 
 
+@dataclass(frozen=True)
+class Lease:
+    """One claim of one shot: every write for the shot is fenced on all three, so neither
+    another daemon nor a later claim by this daemon can be overwritten by a stale runner."""
+
+    shot_id: int
+    worker_id: str
+    attempt: int
+
+    @property
+    def args(self) -> tuple[int, str, int]:
+        return self.shot_id, self.worker_id, self.attempt
+
+
 class Db:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def claim_shot(self, worker_id: str) -> ClaimedShot | None:
-        """Atomically claims one due shot; None when nothing is due (or every due shot's bot
-        is busy). A lost race on the one-running-per-bot index is retried."""
+    async def claim_shot(self, worker_id: str, busy: Sequence[int] = ()) -> ClaimedShot | None:
+        """Atomically claims one due shot (not one of `busy`); None when nothing is due or
+        every due shot's bot is busy. A lost race on the one-running-per-bot index is
+        retried."""
         for _ in range(5):
             try:
-                row = await self.pool.fetchrow(query("claim_shot"), worker_id)
+                row = await self.pool.fetchrow(query("claim_shot"), worker_id, list(busy))
             except asyncpg.UniqueViolationError:
                 continue  # another daemon started a shot of the same bot first
             return None if row is None else ClaimedShot(
@@ -110,90 +130,96 @@ class Db:
                 audience_selected=row["audience_selected"], requeued=row["requeued"])
         return None
 
-    async def begin_attempt(self, shot: ClaimedShot, worker_id: str) -> bool:
-        """Opens the attempt: records it, turns recipients left in flight by an earlier holder
-        into 'outcome unknown' errors (never resent), retries failed ones on a requeue."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(query("insert_attempt"), shot.id, shot.attempt, worker_id)
-            await conn.execute(query("mark_unknown_outcomes"), shot.id, UNKNOWN_OUTCOME)
-            if shot.requeued:
-                await conn.execute(query("retry_failed_recipients"), shot.id)
-            return await conn.fetchval(query("recount_shot"), shot.id, worker_id) is not None
+    async def begin_attempt(self, shot: ClaimedShot, lease: Lease) -> bool:
+        """Opens the attempt under the shot's row lock: records it, turns recipients left in
+        flight by an earlier holder into 'outcome unknown' errors (never resent), and on a
+        requeue puts recipients that failed with a known outcome back to 'pending'.
+        False (and nothing written) when the claim no longer holds the shot."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if await conn.fetchval(query("lock_claim"), *lease.args) is None:
+                    raise _FencedOut
+                await conn.execute(query("insert_attempt"), shot.id, shot.attempt,
+                                   lease.worker_id)
+                await conn.execute(query("mark_unknown_outcomes"), shot.id, UNKNOWN_OUTCOME)
+                if shot.requeued:
+                    await conn.execute(query("retry_failed_recipients"), shot.id)
+                await conn.execute(query("recount_shot"), shot.id)
+                return True
+        except _FencedOut:
+            return False
 
-    async def select_audience(self, shot: ClaimedShot, worker_id: str) -> int | None:
+    async def select_audience(self, shot: ClaimedShot, lease: Lease) -> int | None:
         """Materialises the audience once, set-based (INSERT … SELECT); returns its size, or
         None if the shot is no longer ours (then nothing is written)."""
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute(
                     audience_query(shot.target), shot.id, shot.bot_slug, shot.recency_days)
-                total = await conn.fetchval(query("mark_audience_selected"), shot.id, worker_id)
+                total = await conn.fetchval(query("mark_audience_selected"), *lease.args)
                 if total is None:
                     raise _FencedOut  # roll the INSERT back
                 return int(total)
         except _FencedOut:
             return None
 
-    async def reserve_recipients(self, shot_id: int, worker_id: str, limit: int) -> list[int]:
-        rows = await self.pool.fetch(query("reserve_recipients"), shot_id, worker_id, limit)
-        return [row["telegram_id"] for row in rows]
-
-    async def shot_status(self, shot_id: int, worker_id: str) -> tuple[str, bool]:
-        """The shot's status and whether `worker_id` still holds it."""
-        row = await self.pool.fetchrow(query("shot_holder"), shot_id, worker_id)
-        return ("deleted", False) if row is None else (row["status"], bool(row["ours"]))
-
-    async def record_outcomes(
-        self, shot_id: int, worker_id: str, outcomes: Sequence[RecipientOutcome]
-    ) -> str | None:
-        """Writes outcomes, contact states, counters and the lease in one round trip.
-        Returns the shot's status, or None when the writer no longer holds the shot."""
+    async def cycle(self, lease: Lease, outcomes: Sequence[RecipientOutcome],
+                    reserve: int) -> Cycle:
+        """Writes outcomes, contact states, counters and the lease, and reserves up to
+        `reserve` more recipients, in one round trip (sql: shot_cycle)."""
         row = await self.pool.fetchrow(
-            query("record_outcomes"), shot_id, worker_id,
+            query("shot_cycle"), *lease.args,
             [o.telegram_id for o in outcomes], [o.status for o in outcomes],
             [o.error for o in outcomes], [o.message_id for o in outcomes],
-            [o.chat_state for o in outcomes])
-        return None if row is None else str(row["status"])
+            [o.chat_state for o in outcomes], reserve)
+        assert row is not None  # the statement always returns one row
+        return Cycle(row["status"], list(row["reserved"]))
+
+    async def reset_stale(self, stale_after: float, max_attempts: int) -> list[tuple[int, str]]:
+        """Hands back shots whose lease expired; returns (shot id, new status) pairs."""
+        rows = await self.pool.fetch(
+            query("reset_stale_shots"), stale_after, max_attempts, UNKNOWN_OUTCOME)
+        return [(row["id"], row["status"]) for row in rows]
 
     async def finish_shot(
-        self, shot_id: int, worker_id: str, attempt: int, counts: AttemptCounts,
+        self, lease: Lease, counts: AttemptCounts,
         decide: Callable[[Tally], tuple[str, str | None]],
     ) -> str | None:
         """Sets the final status, counters, last_error and the attempt's outcome in one
         transaction, under the shot's row lock. Returns the status, None if not ours."""
         async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(query("lock_for_finish"), shot_id, worker_id)
+            row = await conn.fetchrow(query("lock_for_finish"), *lease.args)
             if row is None:
                 return None
             tally = Tally(**dict(row))
             status, last_error = decide(tally)
-            await conn.execute(query("finish_shot"), shot_id, worker_id, status, last_error,
+            await conn.execute(query("finish_shot"), lease.shot_id, status, last_error,
                                tally.sent, tally.skipped, tally.error)
-            await conn.execute(query("finish_attempt"), shot_id, attempt, status, counts.sent,
-                               counts.skipped, counts.error, last_error)
+            await conn.execute(query("finish_attempt"), lease.shot_id, lease.attempt, status,
+                               counts.sent, counts.skipped, counts.error, last_error)
             return status
 
-    async def release_shot(
-        self, shot_id: int, worker_id: str, attempt: int, counts: AttemptCounts
-    ) -> bool:
+    async def release_shot(self, lease: Lease, counts: AttemptCounts) -> bool:
         """Hands a running shot back to the queue ('released': not a failed attempt)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            released = await conn.fetchval(query("release_shot"), shot_id, worker_id)
+            released = await conn.fetchval(query("release_shot"), *lease.args)
             if released is not None:
-                await conn.execute(query("finish_attempt"), shot_id, attempt, "released",
-                                   counts.sent, counts.skipped, counts.error, None)
+                await conn.execute(query("finish_attempt"), lease.shot_id, lease.attempt,
+                                   "released", counts.sent, counts.skipped, counts.error, None)
             return released is not None
 
-    async def fail_unclaimable(self, shot_id: int, worker_id: str, attempt: int,
-                               reason: str) -> bool:
+    async def fail_unclaimable(self, lease: Lease, reason: str) -> bool:
         """Ends a claimed shot with `error` before any recipient is touched."""
         status = await self.finish_shot(
-            shot_id, worker_id, attempt, AttemptCounts(), lambda _tally: ("error", reason))
+            lease, AttemptCounts(), lambda _tally: ("error", reason))
         return status is not None
 
-    async def next_scheduled_at(self) -> datetime | None:
-        value: datetime | None = await self.pool.fetchval(query("next_scheduled_at"))
+    async def seconds_to_next_due(self) -> float | None:
+        value: float | None = await self.pool.fetchval(query("seconds_to_next_due"))
         return value
+
+    async def queue_busy(self) -> bool:
+        return bool(await self.pool.fetchval(query("queue_busy")))
 
     async def shots_by_status(self) -> dict[str, int]:
         rows = await self.pool.fetch(query("shots_by_status"))

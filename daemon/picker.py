@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable, Collection
 
 import asyncpg
 
 from daemon import logs
+from daemon.config import WorkerConfig
 from daemon.db import ClaimedShot, Db
 
 CHANNEL = "shots_queue"
@@ -25,18 +25,26 @@ log = logs.get()
 
 
 class Picker:
-    def __init__(self, db: Db, worker_id: str, max_running: int, poll_interval: float) -> None:
+    def __init__(self, db: Db, worker_id: str, worker: WorkerConfig) -> None:
         self.db = db
         self.worker_id = worker_id
-        self.max_running = max_running
-        self.poll_interval = poll_interval
+        self.worker = worker
+        self.poll_interval = worker.poll_interval
         self.wake = asyncio.Event()
 
-    async def claim_due(self, running: int) -> list[ClaimedShot]:
-        """Claims due shots until `max_running` would be exceeded or none is due."""
+    async def reset_stale(self) -> None:
+        """Hands back shots of daemons that stopped renewing their lease (any daemon's)."""
+        for shot_id, status in await self.db.reset_stale(self.worker.stale_after,
+                                                         self.worker.max_attempts):
+            log.warning("stale_shot_reset", shot_id=shot_id, status=status)
+
+    async def claim_due(self, running: Collection[int]) -> list[ClaimedShot]:
+        """Claims due shots until `max_running_shots` would be exceeded or none is due.
+        Shots in `running` (still winding down here) are never claimed twice."""
         claimed: list[ClaimedShot] = []
-        while running + len(claimed) < self.max_running:
-            shot = await self.db.claim_shot(self.worker_id)
+        while len(running) + len(claimed) < self.worker.max_running_shots:
+            busy = [*running, *(c.id for c in claimed)]
+            shot = await self.db.claim_shot(self.worker_id, busy)
             if shot is None:
                 break
             log.info("shot_claimed", shot_id=shot.id, bot_slug=shot.bot_slug,
@@ -46,10 +54,9 @@ class Picker:
 
     async def next_wait(self) -> float:
         """Seconds until the picker should look again: the poll, or sooner for a due time."""
-        next_at = await self.db.next_scheduled_at()
-        if next_at is None:
+        until = await self.db.seconds_to_next_due()
+        if until is None:
             return self.poll_interval
-        until = (next_at - datetime.now(UTC)).total_seconds()
         return min(self.poll_interval, max(_MIN_WAIT, until))
 
     async def sleep(self, stop: asyncio.Event, seconds: float) -> None:

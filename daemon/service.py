@@ -19,9 +19,9 @@ import asyncpg
 
 from daemon import logs, migrate
 from daemon.config import Config, effective_rate
-from daemon.db import ClaimedShot, Db, RoundTrips, create_pool
+from daemon.db import ClaimedShot, Db, Lease, RoundTrips, create_pool
 from daemon.picker import Picker
-from daemon.shot import Delivery, ShotRunner
+from daemon.shot import DB_ERRORS, Delivery, ShotRunner
 from daemon.telegram import BotApi, BotPacer, redact
 
 log = logs.get()
@@ -41,8 +41,7 @@ class Service:
         self.worker_id = new_worker_id()
         self.stop = asyncio.Event()
         self.pacers = {slug: BotPacer(effective_rate(config, slug)) for slug in config.bots}
-        w = config.worker
-        self.picker = Picker(db, self.worker_id, w.max_running_shots, w.poll_interval)
+        self.picker = Picker(db, self.worker_id, config.worker)
         self.running: dict[int, asyncio.Task[None]] = {}
 
     async def serve(self, connect_listener: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
@@ -56,14 +55,22 @@ class Service:
 
     async def _pick_loop(self, tg: asyncio.TaskGroup) -> None:
         while not self.stop.is_set():
-            claimed = await self.picker.claim_due(len(self.running))
+            try:
+                await self.picker.reset_stale()
+                claimed = await self.picker.claim_due(self.running.keys())
+                wait = await self.picker.next_wait()
+                if self.exit_when_idle and not self.running and not claimed:
+                    if not await self.db.queue_busy():
+                        log.info("daemon_idle")
+                        return
+                    wait = min(wait, 0.2)  # a shot runs elsewhere or waits for its bot
+            except DB_ERRORS as exc:
+                # Running shots carry on (their own cycles retry); claiming resumes later.
+                log.error("picker_failed", error=str(exc))
+                claimed, wait = [], self.config.worker.poll_interval
             for shot in claimed:
                 self.running[shot.id] = tg.create_task(self._run_shot(shot))
-            if self.exit_when_idle and not self.running and not claimed:
-                log.info("daemon_idle")
-                return
-            await self.picker.sleep(self.stop, await self.picker.next_wait())
-        await asyncio.gather(*self.running.values(), return_exceptions=True)
+            await self.picker.sleep(self.stop, wait)
 
     async def _run_shot(self, shot: ClaimedShot) -> None:
         """Runs one shot; a failure of one shot is logged and never takes the others down."""
@@ -76,20 +83,24 @@ class Service:
             delivery = Delivery(self.db, self.api, self.pacers[shot.bot_slug], bot,
                                 self.config.worker, self.config.telegram, self.worker_id)
             await ShotRunner(shot, delivery, self.stop).run()
-        except Exception as exc:
+        except DB_ERRORS as exc:
+            # The lease lapses and the shot is reset and resumed (no recipient is resent).
+            log.error("shot_interrupted", shot_id=shot.id, bot_slug=shot.bot_slug,
+                      error=str(exc))
+        except Exception as exc:  # one shot's bug must not stop the others
             detail = redact(f"{type(exc).__name__}: {exc}", self.config.secrets())
             log.error("shot_crashed", shot_id=shot.id, bot_slug=shot.bot_slug, error=detail,
                       traceback=redact(traceback.format_exc(), self.config.secrets()))
             await self._refuse(shot, f"internal error while running the shot: {detail}")
         finally:
-            del self.running[shot.id]
+            self.running.pop(shot.id, None)
             self.picker.wake.set()  # a slot is free; the bot may have another shot due
 
     async def _refuse(self, shot: ClaimedShot, reason: str) -> None:
         try:
-            await self.db.fail_unclaimable(shot.id, self.worker_id, shot.attempt, reason)
+            await self.db.fail_unclaimable(Lease(shot.id, self.worker_id, shot.attempt), reason)
             log.error("shot_failed", shot_id=shot.id, bot_slug=shot.bot_slug, reason=reason)
-        except (OSError, asyncpg.PostgresError) as exc:
+        except DB_ERRORS as exc:
             # The lease will expire and another attempt will be made.
             log.error("shot_fail_not_recorded", shot_id=shot.id, error=str(exc))
 
@@ -106,7 +117,8 @@ async def run(config: Config, *, exit_when_idle: bool = False) -> int:
             api = BotApi(session, config.telegram.api_base, config.telegram.request_timeout)
             service = Service(config, Db(pool), api, exit_when_idle=exit_when_idle)
             _install_signal_handlers(service.stop)
-            await service.serve(lambda: asyncpg.connect(config.database.dsn))
+            await service.serve(lambda: asyncpg.connect(
+                config.database.dsn, server_settings={"application_name": "shotsd-listen"}))
     finally:
         await pool.close()
         log.info("database_round_trips", db_round_trips=trips.count)

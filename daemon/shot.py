@@ -1,21 +1,29 @@
 """Runs one claimed shot: audience, paced delivery, batched outcomes, finish or release.
 
-The guarantee: a recipient is written 'sending' (in a batch) before any request for it goes
-out, and only moves on when its outcome is written. A crash therefore leaves at most the
-in-flight window in 'sending', which the next holder turns into 'outcome unknown' errors
-instead of resending. Requests already on the wire are drained, never cancelled.
+One loop, the *cycle*, owns the shot's database state: about once a second (sooner when a
+batch is full or the senders run dry) it writes the buffered outcomes, renews the lease,
+learns whether an operator cancelled the shot, and reserves the next recipients — all in one
+round trip. A recipient is reserved ('sending') before any request for it goes out and moves
+on only when its outcome is written, so a crash leaves at most `worker.concurrency`
+recipients in 'sending', which the next holder turns into 'outcome unknown' errors instead of
+resending. Requests already on the wire are drained, never cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
 
 from daemon import logs
 from daemon.config import BotConfig, TelegramConfig, WorkerConfig
-from daemon.db import AttemptCounts, ClaimedShot, Db, RecipientOutcome, Tally
+from daemon.db import AttemptCounts, ClaimedShot, Db, Lease, RecipientOutcome, Tally
 from daemon.telegram import (
     ApiCall,
     BotApi,
@@ -27,11 +35,15 @@ from daemon.telegram import (
     content_problem,
 )
 
-# Outcomes are written at least this often even when fewer than batch_size are buffered,
-# so progress is live and the lease is renewed while a slow shot runs.
-FLUSH_INTERVAL = 1.0
+# The cycle runs at least this often (and at least every worker.heartbeat_interval).
+CYCLE_INTERVAL = 1.0
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 30.0
+# This many transient failures in a row, with no answer in between, mean Telegram is
+# unreachable: the shot pauses and probes instead of burning through its audience.
+OUTAGE_AFTER = 5
+DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+PARTIAL = "partially delivered"
 
 
 @dataclass
@@ -45,6 +57,7 @@ class Delivery:
     worker: WorkerConfig
     telegram: TelegramConfig
     worker_id: str
+    clock: Callable[[], float] = time.monotonic
 
 
 def decide_finish(tally: Tally, fatal: str | None) -> tuple[str, str | None]:
@@ -55,6 +68,9 @@ def decide_finish(tally: Tally, fatal: str | None) -> tuple[str, str | None]:
         return "error", f"{fatal}; {_summary(tally)}"
     if tally.total == 0:
         return "skipped", "empty audience: no contact matched the shot's target"
+    if tally.unsent:
+        # Only reachable if rows changed under the runner; never call such a shot 'sent'.
+        return "error", f"{tally.unsent} recipients were left unsent; {_summary(tally)}"
     if tally.error:
         top = f"; most frequent: {tally.top_error} ({tally.top_error_count})"
         return "error", f"{tally.error} of {tally.total} recipients failed{top}"
@@ -66,41 +82,15 @@ def _summary(tally: Tally) -> str:
             f"{tally.unsent} not sent of {tally.total}")
 
 
-class _Window:
-    """Counts recipients between 'sending' and their written outcome; caps it at `size`."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.used = 0
-        self.wanted = 0  # room the producer is waiting for (0: not waiting)
-        self._changed = asyncio.Condition()
-
-    @property
-    def free(self) -> int:
-        return self.size - self.used
-
-    async def take(self, at_least: int, at_most: int) -> int:
-        async with self._changed:
-            while self.free < at_least:
-                self.wanted = at_least
-                await self._changed.wait()
-            self.wanted = 0
-            n = min(at_most, self.free)
-            self.used += n
-            return n
-
-    async def give_back(self, n: int) -> None:
-        async with self._changed:
-            self.used -= n
-            self._changed.notify_all()
-
-
 @dataclass
 class _State:
-    outcomes: list[RecipientOutcome] = field(default_factory=list)
-    counts: Counter[str] = field(default_factory=Counter)
-    fatal: str | None = None
-    lost: bool = False  # the shot is no longer ours (lease lost or row gone)
+    outcomes: list[RecipientOutcome] = field(default_factory=list)  # not yet written
+    counts: Counter[str] = field(default_factory=Counter)  # written by this attempt
+    reserved: int = 0  # 'sending' recipients whose outcome is not yet written
+    waiting: int = 0  # reserved recipients whose first request has not started
+    exhausted: bool = False  # no pending recipient left to reserve
+    fatal: str | None = None  # the shot itself was refused
+    lost: bool = False  # the shot is no longer (safely) ours
     cancelled: bool = False
 
 
@@ -108,14 +98,23 @@ class ShotRunner:
     def __init__(self, shot: ClaimedShot, delivery: Delivery, stop: asyncio.Event) -> None:
         self.shot = shot
         self.d = delivery
+        self.lease = Lease(shot.id, delivery.worker_id, shot.attempt)
         self.stop = stop
         self.content = Content(shot.copy, shot.media_type, shot.media_url)
         self.log = logs.get().bind(shot_id=shot.id, bot_slug=shot.bot_slug)
         self.state = _State()
-        self.window = _Window(delivery.worker.concurrency)
-        self._flush_now = asyncio.Event()
-        self._producing_done = asyncio.Event()
-        self._halt = asyncio.Event()  # set with fatal / lost / cancelled
+        self.halt = asyncio.Event()  # set with fatal / lost / cancelled / stop
+        self.wake = asyncio.Event()  # run the cycle now
+        self.telegram_up = asyncio.Event()
+        self.telegram_up.set()
+        self._failures_in_a_row = 0
+        w = delivery.worker
+        self.interval = min(CYCLE_INTERVAL, w.heartbeat_interval)
+        # Renewed leases are trusted for stale_after minus a heartbeat: sending stops before
+        # any other daemon may reset the shot.
+        self.lease_valid_for = w.stale_after - w.heartbeat_interval
+        self.lease_renewed_at = delivery.clock()
+        self.low_water = max(1, min(w.batch_size, w.concurrency) // 4)
 
     @property
     def halted(self) -> bool:
@@ -125,109 +124,217 @@ class ShotRunner:
     async def run(self) -> str:
         """Runs the shot to its end; returns the final status, 'released' or 'lost'."""
         d, shot = self.d, self.shot
-        if not await d.db.begin_attempt(shot, d.worker_id):
+        if not await d.db.begin_attempt(shot, self.lease):
             return "lost"
         problem = content_problem(self.content)
         if problem is not None:
-            await d.db.fail_unclaimable(shot.id, d.worker_id, shot.attempt, problem)
+            await d.db.fail_unclaimable(self.lease, problem)
             self.log.warning("shot_refused", reason=problem)
             return "error"
         if not shot.audience_selected:
-            total = await d.db.select_audience(shot, d.worker_id)
+            total = await d.db.select_audience(shot, self.lease)
             if total is None:
                 return "lost"
             self.log.info("audience_selected", target=shot.target, audience_total=total)
-        await self._deliver_all()
+        self.lease_renewed_at = d.clock()
+        async with asyncio.TaskGroup() as tg:
+            await self._cycles(tg)
         return await self._conclude()
 
-    async def _deliver_all(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._write_outcomes())
-            try:
-                await self._produce(tg)
-            finally:
-                self._producing_done.set()
+    # --- the cycle ---------------------------------------------------------------------
 
-    async def _produce(self, tg: asyncio.TaskGroup) -> None:
-        d = self.d
-        low = max(1, min(d.worker.batch_size, d.worker.concurrency) // 2)
-        while not self.halted:
-            n = await self.window.take(low, d.worker.batch_size)
-            if self.halted:
-                await self.window.give_back(n)
+    async def _cycles(self, tg: asyncio.TaskGroup) -> None:
+        while True:
+            await self._cycle(tg)
+            self._lease_ok()
+            s = self.state
+            if s.reserved == 0 and (s.exhausted or self.halted):
                 return
-            ids = await d.db.reserve_recipients(self.shot.id, d.worker_id, n)
-            if len(ids) < n:
-                await self.window.give_back(n - len(ids))
-            for telegram_id in ids:
-                tg.create_task(self._deliver(telegram_id))
-            if not ids:
-                await self._why_nothing_reserved()
-                return
+            events = [self.wake] if self.stop.is_set() else [self.wake, self.stop]
+            await _wait_any(events, self.interval)
+            self.wake.clear()
 
-    async def _why_nothing_reserved(self) -> None:
-        status, ours = await self.d.db.shot_status(self.shot.id, self.d.worker_id)
-        if status == "cancelled" and ours:
-            self.state.cancelled = True
-            self._halt.set()
-        elif status != "running" or not ours:
+    def _lease_ok(self) -> bool:
+        """False once the lease may have expired: then nothing more may be sent."""
+        if not self.state.lost and self.d.clock() - self.lease_renewed_at > self.lease_valid_for:
+            self._lose("lease not renewed in time (database unreachable?); stopped sending")
+        return not self.state.lost
+
+    async def _cycle(self, tg: asyncio.TaskGroup) -> None:
+        s = self.state
+        batch = s.outcomes
+        free = self.d.worker.concurrency - (s.reserved - len(batch))
+        want = 0 if self.halted or s.exhausted else min(self.d.worker.batch_size, free)
+        started = self.d.clock()
+        try:
+            s.outcomes = []
+            result = await self.d.db.cycle(self.lease, batch, want)
+        except DB_ERRORS as exc:
+            if s.lost:  # the lease has lapsed: the next holder reports these as unknown
+                s.reserved -= len(batch)
+                self.log.error("outcomes_dropped", error=str(exc), dropped=len(batch))
+                return
+            s.outcomes = batch + s.outcomes  # kept for the next cycle
+            self.log.warning("shot_cycle_failed", error=str(exc), unwritten=len(s.outcomes))
+            return
+        s.reserved -= len(batch)
+        if result.status is None:
+            self._lose("another daemon holds the shot now")
+            return
+        self.lease_renewed_at = started
+        self._account(batch)
+        if result.status == "cancelled":
+            s.cancelled = True
+            self.halt.set()
+        elif result.status != "running":
+            self._lose(f"an operator set the shot to {result.status} while it ran")
+        if len(result.reserved) < want:
+            s.exhausted = True
+        s.reserved += len(result.reserved)
+        s.waiting += len(result.reserved)
+        for telegram_id in result.reserved:
+            tg.create_task(self._deliver(tg, telegram_id))
+
+    def _account(self, batch: list[RecipientOutcome]) -> None:
+        if not batch:
+            return
+        written = Counter(o.status for o in batch)
+        self.state.counts.update(written)
+        self.log.info("batch_sent", sent=written["sent"], skipped=written["skipped"],
+                      error=written["error"], not_sent=written["pending"])
+
+    def _lose(self, reason: str) -> None:
+        if not self.state.lost:
             self.state.lost = True
-            self._halt.set()
-            self.log.warning("shot_lost", status=status)
+            self.halt.set()
+            self.log.error("shot_lost", reason=reason)
 
-    async def _deliver(self, telegram_id: int) -> None:
-        """Delivers to one recipient and buffers the outcome; never raises for Telegram."""
+    def _halt_shot(self, reason: str) -> None:
+        if self.state.fatal is None:
+            self.state.fatal = reason
+            self.halt.set()
+            self.log.error("shot_halted", reason=reason)
+
+    def _buffer(self, outcome: RecipientOutcome) -> None:
+        self.state.outcomes.append(outcome)
+        self._maybe_wake()
+
+    def _maybe_wake(self) -> None:
+        """Runs the cycle early when a batch is full, every reserved recipient is back, or
+        the senders are about to run dry and a cycle could reserve a worthwhile batch."""
+        s = self.state
+        all_back = bool(s.outcomes) and s.reserved == len(s.outcomes)
+        room = self.d.worker.concurrency - (s.reserved - len(s.outcomes))
+        refill = (not s.exhausted and not self.halted and s.waiting <= self.low_water
+                  and room >= self.low_water)
+        if all_back or refill or len(s.outcomes) >= self.d.worker.batch_size:
+            self.wake.set()
+
+    # --- one recipient ---------------------------------------------------------------------
+
+    async def _deliver(self, tg: asyncio.TaskGroup, telegram_id: int) -> None:
+        """Delivers to one recipient and buffers its outcome; never raises for Telegram."""
         message_id: int | None = None
         outcome: RecipientOutcome | None = None
+        committed = False  # a part already reached the chat: finish, never leave it pending
         for call in calls_for(self.content, telegram_id):
-            result = await self._call(call)
-            if result is None:  # halted before the request went out: still pending
-                outcome = RecipientOutcome(telegram_id, "pending")
+            result = await self._call(tg, call, committed)
+            if result is None:
+                outcome = RecipientOutcome(telegram_id, "pending")  # never sent
                 break
             if result.kind is not Kind.SENT:
-                outcome = self._failure(telegram_id, result, call.method)
+                outcome = self._failure(telegram_id, result, call.method, committed)
                 break
+            committed = True
             message_id = result.message_id
+        if outcome is not None and committed and outcome.status == "pending":
+            outcome = RecipientOutcome(telegram_id, "error",
+                                       f"{PARTIAL}: the rest was not sent, the shot stopped")
         self._buffer(outcome or RecipientOutcome(telegram_id, "sent", message_id=message_id))
 
-    async def _call(self, call: ApiCall) -> Result | None:
-        """One request with the bot's pacing, 429 pauses and transient retries.
-        Returns None when the shot halted before the request was sent."""
+    async def _call(self, tg: asyncio.TaskGroup, call: ApiCall, committed: bool) -> Result | None:
+        """One request with pacing, 429 pauses, outage probing and transient retries.
+        Returns None when the shot halted before the request went out."""
         retries = 0
+        first = not committed
         while True:
-            if not await self._paced():
+            if not await self._paced(ignore_halt=committed):
+                self._started(first)
                 return None
+            self._started(first)
+            first = False
             result = await self.d.api.call(self.d.bot.token, call)
             if result.kind is Kind.RETRY_AFTER:
                 self.d.pacer.pause(result.retry_after)
                 self.log.warning("bot_rate_limited", retry_after=result.retry_after)
                 continue
-            if result.kind is not Kind.TRANSIENT or retries >= self.d.telegram.max_retries:
+            if result.kind is not Kind.TRANSIENT:
+                self._failures_in_a_row = 0
                 return result
+            if self._note_transient(tg):
+                continue  # Telegram is down: this failure is the outage's, not the recipient's
             retries += 1
-            delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (retries - 1)) * random.uniform(0.5, 1)  # noqa: S311
-            if await _wait(self.stop, delay):
+            if retries > self.d.telegram.max_retries:
+                return result
+            delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (retries - 1))
+            if await _sleep_unless(self.halt, delay * random.uniform(0.5, 1.0)):  # noqa: S311
                 return None
 
-    async def _paced(self) -> bool:
-        """Waits for the bot's next request slot; False if the shot halts meanwhile, so a
-        stopping shot does not trickle out queued requests at the paced rate."""
-        if self.halted:
-            return False
-        acquire = asyncio.ensure_future(self.d.pacer.acquire())
-        halts = [asyncio.ensure_future(self.stop.wait()),
-                 asyncio.ensure_future(self._halt.wait())]
-        try:
-            await asyncio.wait([acquire, *halts], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in halts:
-                waiter.cancel()
-        if acquire.done() and not self.halted:
-            return True
-        acquire.cancel()  # a slot it may have taken is simply not used
-        return False
+    def _started(self, first: bool) -> None:
+        if first:
+            self.state.waiting -= 1
+            self._maybe_wake()
 
-    def _failure(self, telegram_id: int, result: Result, method: str) -> RecipientOutcome:
+    async def _paced(self, ignore_halt: bool) -> bool:
+        """Waits until Telegram is reachable and the bot's next slot; False if the shot halts
+        meanwhile, so a stopping shot does not trickle out queued requests."""
+        while True:
+            if not ignore_halt and (self.halted or not self._lease_ok()):
+                return False
+            if not self.telegram_up.is_set():
+                if self.halted:
+                    return False  # even a half-delivered recipient does not wait out an outage
+                await _wait_any([self.telegram_up, self.halt, self.stop], None)
+                continue
+            acquire = asyncio.ensure_future(self.d.pacer.acquire())
+            halts: list[asyncio.Event | asyncio.Future[None]] = (
+                [] if ignore_halt else [self.halt, self.stop])
+            await _wait_any([acquire, *halts], None)
+            usable = ignore_halt or not self.halted
+            if acquire.done() and self.telegram_up.is_set() and usable:
+                return True
+            acquire.cancel()  # a slot it may have taken is simply not used
+
+    def _note_transient(self, tg: asyncio.TaskGroup) -> bool:
+        """Counts a transient failure; True when Telegram is (now) considered unreachable."""
+        self._failures_in_a_row += 1
+        if self.telegram_up.is_set() and self._failures_in_a_row >= OUTAGE_AFTER:
+            self.telegram_up.clear()
+            self.log.warning("telegram_unreachable", failures_in_a_row=self._failures_in_a_row)
+            tg.create_task(self._probe())
+        return not self.telegram_up.is_set()
+
+    async def _probe(self) -> None:
+        """While Telegram is unreachable, asks getMe with backoff until it answers."""
+        delay = BACKOFF_BASE
+        while not self.halt.is_set():
+            if await _sleep_unless(self.halt, delay):
+                break
+            await self.d.pacer.acquire()
+            result = await self.d.api.call(self.d.bot.token, ApiCall("getMe", {}))
+            if result.kind is not Kind.TRANSIENT:
+                self.log.info("telegram_reachable", answer=result.code)
+                break
+            delay = min(BACKOFF_CAP, delay * 2)
+        self._failures_in_a_row = 0
+        self.telegram_up.set()
+
+    def _failure(self, telegram_id: int, result: Result, method: str,
+                 committed: bool) -> RecipientOutcome:
+        if committed:
+            # Part of the shot reached the chat: never tried again, or it would get it twice.
+            return RecipientOutcome(telegram_id, "error",
+                                    f"{PARTIAL}: {method} failed: {result.description}")
         if result.kind is Kind.SKIPPED:
             return RecipientOutcome(telegram_id, "skipped", result.description,
                                     chat_state=result.chat_state)
@@ -240,83 +347,41 @@ class ShotRunner:
             return RecipientOutcome(telegram_id, "pending")
         return RecipientOutcome(telegram_id, "error", result.description)
 
-    def _halt_shot(self, reason: str) -> None:
-        if self.state.fatal is None:
-            self.state.fatal = reason
-            self._halt.set()
-            self.log.error("shot_halted", reason=reason)
-
-    def _buffer(self, outcome: RecipientOutcome) -> None:
-        buffered = len(self.state.outcomes) + 1
-        self.state.outcomes.append(outcome)
-        window = self.window
-        last = self._producing_done.is_set() and window.used == buffered
-        # The producer waits for room that writing these outcomes would give back: write now.
-        unblocks = 0 < window.wanted <= window.free + buffered
-        if last or unblocks or buffered >= self.d.worker.batch_size:
-            self._flush_now.set()
-
-    async def _write_outcomes(self) -> None:
-        """Flushes buffered outcomes in batches until production ended and all are written."""
-        while True:
-            producing = not self._producing_done.is_set()
-            if not producing and self.window.used == len(self.state.outcomes):
-                await self._flush()  # the last outcomes; nothing is in flight any more
-                return
-            events = [self._flush_now, self._producing_done] if producing else [self._flush_now]
-            await _wait_any(events, FLUSH_INTERVAL)
-            self._flush_now.clear()
-            await self._flush()
-
-    async def _flush(self) -> None:
-        batch, self.state.outcomes = self.state.outcomes, []
-        if not batch:
-            return
-        status = await self.d.db.record_outcomes(self.shot.id, self.d.worker_id, batch)
-        await self.window.give_back(len(batch))
-        if status is None:
-            self.state.lost = True
-            self._halt.set()
-            self.log.error("shot_lost", reason="outcomes not written: shot no longer held")
-            return
-        written = Counter(o.status for o in batch)
-        self.state.counts.update(written)
-        if status == "cancelled":
-            self.state.cancelled = True
-            self._halt.set()
-        self.log.info("batch_sent", sent=written["sent"], skipped=written["skipped"],
-                      error=written["error"], not_sent=written["pending"])
+    # --- the end -----------------------------------------------------------------------
 
     async def _conclude(self) -> str:
-        d, shot, state = self.d, self.shot, self.state
+        d, state = self.d, self.state
         counts = AttemptCounts(state.counts["sent"], state.counts["skipped"],
                                state.counts["error"])
         if state.lost:
             return "lost"
         if self.stop.is_set() and state.fatal is None and not state.cancelled:
-            released = await d.db.release_shot(shot.id, d.worker_id, shot.attempt, counts)
+            released = await d.db.release_shot(self.lease, counts)
             self.log.info("shot_released", released=released, **vars(counts))
             return "released" if released else "lost"
         status = await d.db.finish_shot(
-            shot.id, d.worker_id, shot.attempt, counts,
-            lambda tally: decide_finish(tally, state.fatal))
+            self.lease, counts, lambda tally: decide_finish(tally, state.fatal))
         self.log.info("shot_finished", status=status, **vars(counts))
         return status or "lost"
 
 
-async def _wait(event: asyncio.Event, timeout: float) -> bool:
-    """Waits up to `timeout` s; True when `event` was set (an interruptible sleep)."""
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-    except TimeoutError:
-        return False
-    return True
+async def _sleep_unless(event: asyncio.Event, seconds: float) -> bool:
+    """Sleeps up to `seconds`; True (early) when `event` is set."""
+    await _wait_any([event], seconds)
+    return event.is_set()
 
 
-async def _wait_any(events: list[asyncio.Event], timeout: float) -> None:
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+async def _wait_any(
+    waitables: Sequence[asyncio.Event | asyncio.Future[None]], timeout: float | None
+) -> None:
+    """Returns when any event is set / future is done, or after `timeout` seconds. Only the
+    waiters it made for events are cancelled; futures passed in are the caller's."""
+    owned: list[asyncio.Future[Any]] = [
+        asyncio.ensure_future(w.wait()) for w in waitables if isinstance(w, asyncio.Event)]
+    given: list[asyncio.Future[Any]] = [w for w in waitables if isinstance(w, asyncio.Future)]
     try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([*owned, *given], timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for waiter in waiters:
+        for waiter in owned:
             waiter.cancel()

@@ -1,12 +1,12 @@
 -- Every statement the daemon runs at run time, by name (parsed once by daemon/sqlfiles.py).
 -- Each block starts with `-- name: <name>`; the comments under it name its $n parameters.
--- Fencing: every write for a running shot checks, in the same statement, that the writer
--- still holds the shot (status + worker_id), locking the shot row so a concurrent reset
--- or cancel is serialised against it.
+-- Fencing: every write for a running shot checks, in the same statement or under the same
+-- row lock, that the writer's claim still holds the shot (status + worker_id + the claim's
+-- attempt_count), so a reset, a cancel or a later claim is serialised against it.
 
 -- name: claim_shot
 -- Claims the oldest due pending shot whose bot has no running shot, in one statement.
--- $1 worker_id (text)
+-- $1 worker_id (text), $2 ids of shots this daemon is still winding down (bigint[])
 WITH candidate AS (
     -- SKIP LOCKED: concurrent daemons each take a different row instead of queueing.
     -- The NOT EXISTS is only a fast path; the unique index shots_queue_one_running_per_bot
@@ -15,6 +15,7 @@ WITH candidate AS (
     FROM shots_queue q
     WHERE q.status = 'pending'
       AND q.scheduled_at <= now()
+      AND q.id <> ALL($2::bigint[])
       AND NOT EXISTS (SELECT 1 FROM shots_queue r
                       WHERE r.bot_slug = q.bot_slug AND r.status = 'running')
     ORDER BY q.scheduled_at, q.id
@@ -36,6 +37,14 @@ RETURNING s.id, s.bot_slug, s.target::text AS target, s.copy, s.media_url,
           -- a claim of a shot that had finished is an operator's requeue
           candidate.finished_at IS NOT NULL AS requeued;
 
+-- name: lock_claim
+-- Opens an attempt: locks the shot if this claim still holds it. $1 shot_id, $2 worker_id,
+-- $3 attempt (the claim's attempt_count: a later claim, even by the same daemon, wins)
+SELECT status::text AS status FROM shots_queue
+WHERE id = $1::bigint AND worker_id = $2::text AND attempt_count = $3::int
+  AND status IN ('running', 'cancelled')
+FOR UPDATE;
+
 -- name: insert_attempt
 -- $1 shot_id, $2 attempt number, $3 worker_id
 INSERT INTO shots_attempts (shot_id, attempt, worker_id)
@@ -52,74 +61,55 @@ WHERE shot_id = $1::bigint AND status = 'sending';
 
 -- name: retry_failed_recipients
 -- On an operator's requeue, recipients that failed with a known outcome are tried again;
--- 'outcome unknown' ones are not (they may have received it). $1 shot_id
+-- 'outcome unknown' and 'partially delivered' ones are not (they may have it already).
+-- $1 shot_id
 UPDATE shots_sent
 SET status = 'pending', error = NULL
-WHERE shot_id = $1::bigint AND status = 'error' AND error NOT LIKE 'outcome unknown%';
+WHERE shot_id = $1::bigint AND status = 'error'
+  AND error NOT LIKE 'outcome unknown%' AND error NOT LIKE 'partially delivered%';
 
 -- name: recount_shot
--- Recomputes the live counters from the recipients, fenced. $1 shot_id, $2 worker_id
-WITH fence AS (
-    SELECT id FROM shots_queue
-    WHERE id = $1::bigint AND worker_id = $2::text AND status = 'running'
-    FOR UPDATE
-), counts AS (
-    SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
-           count(*) FILTER (WHERE status = 'skipped') AS skipped,
-           count(*) FILTER (WHERE status = 'error') AS error
-    FROM shots_sent WHERE shot_id = $1::bigint
-)
+-- Recomputes the live counters from the recipients (inside lock_claim's transaction).
+-- $1 shot_id
 UPDATE shots_queue q
-SET sent_count = counts.sent, skipped_count = counts.skipped, error_count = counts.error
-FROM fence, counts
-WHERE q.id = fence.id
-RETURNING q.id;
+SET sent_count = c.sent, skipped_count = c.skipped, error_count = c.error
+FROM (SELECT count(*) FILTER (WHERE status = 'sent') AS sent,
+             count(*) FILTER (WHERE status = 'skipped') AS skipped,
+             count(*) FILTER (WHERE status = 'error') AS error
+      FROM shots_sent WHERE shot_id = $1::bigint) AS c
+WHERE q.id = $1::bigint;
 
 -- name: mark_audience_selected
 -- Records that the audience was materialised, in the same transaction as the INSERT … SELECT.
--- $1 shot_id, $2 worker_id
+-- $1 shot_id, $2 worker_id, $3 attempt
 UPDATE shots_queue
 SET audience_selected_at = now(),
     audience_total = (SELECT count(*) FROM shots_sent WHERE shot_id = $1::bigint)
-WHERE id = $1::bigint AND worker_id = $2::text AND status = 'running'
+WHERE id = $1::bigint AND worker_id = $2::text AND attempt_count = $3::int
+  AND status IN ('running', 'cancelled')
 RETURNING audience_total;
 
--- name: reserve_recipients
--- Marks the next pending recipients 'sending' before any request for them goes out, so a
--- crash can never lead to a resend. Returns nothing when the shot is no longer ours to run.
--- $1 shot_id, $2 worker_id, $3 how many
+-- name: shot_cycle
+-- The running shot's one periodic round trip: writes a batch of outcomes, the contacts' new
+-- chat_state and the live counters, renews the lease, and reserves the next recipients
+-- ('pending' -> 'sending', before any request for them goes out, so a crash can never lead
+-- to a resend). Nothing is written unless the caller still holds the shot; a cancelled
+-- shot's in-flight outcomes are still written, but nothing new is reserved for it.
+-- An operator who sets a running shot back to 'pending' takes it away: its outcomes are
+-- still written (nobody else can hold it yet), then the runner stops.
+-- Always returns one row: status NULL means the shot is no longer ours.
+-- $1 shot_id, $2 worker_id, $3 attempt, $4 telegram_ids bigint[], $5 statuses text[],
+-- $6 errors text[], $7 message_ids bigint[], $8 chat_states text[] (NULL = leave the
+-- contact alone), $9 how many recipients to reserve
 WITH fence AS (
-    SELECT id FROM shots_queue
-    WHERE id = $1::bigint AND worker_id = $2::text AND status = 'running'
-    FOR SHARE
-), batch AS (
-    SELECT s.telegram_id
-    FROM shots_sent s, fence
-    WHERE s.shot_id = fence.id AND s.status = 'pending'
-    ORDER BY s.position
-    LIMIT $3::int
-    FOR UPDATE OF s
-)
-UPDATE shots_sent s
-SET status = 'sending'
-FROM batch
-WHERE s.shot_id = $1::bigint AND s.telegram_id = batch.telegram_id
-RETURNING s.telegram_id, s.position;
-
--- name: record_outcomes
--- Writes a batch of outcomes, the contacts' new chat_state, the live counters and the lease
--- in one statement. Nothing is written unless the writer still holds the shot (a cancelled
--- shot's in-flight outcomes are still recorded). Returns one row when written.
--- $1 shot_id, $2 worker_id, $3 telegram_ids bigint[], $4 statuses text[], $5 errors text[],
--- $6 message_ids bigint[], $7 chat_states text[] (NULL = leave the contact alone)
-WITH fence AS (
-    SELECT id, bot_slug FROM shots_queue
-    WHERE id = $1::bigint AND worker_id = $2::text AND status IN ('running', 'cancelled')
+    SELECT id, bot_slug, status FROM shots_queue
+    WHERE id = $1::bigint AND worker_id = $2::text AND attempt_count = $3::int
+      AND status IN ('running', 'cancelled', 'pending')
     FOR UPDATE
 ), input AS (
-    SELECT * FROM unnest($3::bigint[], $4::text[], $5::text[], $6::bigint[], $7::text[])
+    SELECT * FROM unnest($4::bigint[], $5::text[], $6::text[], $7::bigint[], $8::text[])
         AS i(telegram_id, status, error, message_id, chat_state)
-), recipients AS (
+), written AS (
     UPDATE shots_sent s
     SET status = input.status::shots_recipient_status,
         error = input.error,
@@ -136,22 +126,83 @@ WITH fence AS (
     WHERE input.chat_state IS NOT NULL
       AND c.bot_slug = fence.bot_slug AND c.telegram_id = input.telegram_id
     RETURNING 1
+), next_batch AS (
+    -- Reads the statement's snapshot, so rows `written` turns back to 'pending' (a halted
+    -- shot's unsent recipients) are still 'sending' here and never reserved twice.
+    SELECT s.telegram_id
+    FROM shots_sent s, fence
+    WHERE fence.status = 'running' AND s.shot_id = fence.id AND s.status = 'pending'
+    ORDER BY s.position
+    LIMIT $9::int
+    FOR UPDATE OF s
+), reserved AS (
+    UPDATE shots_sent s
+    SET status = 'sending'
+    FROM next_batch
+    WHERE s.shot_id = $1::bigint AND s.telegram_id = next_batch.telegram_id
+    RETURNING s.telegram_id, s.position
+), shot AS (
+    UPDATE shots_queue q
+    SET sent_count = q.sent_count + (SELECT count(*) FROM written WHERE status = 'sent'),
+        skipped_count = q.skipped_count + (SELECT count(*) FROM written WHERE status = 'skipped'),
+        error_count = q.error_count + (SELECT count(*) FROM written WHERE status = 'error'),
+        heartbeat_at = CASE WHEN q.status = 'pending' THEN q.heartbeat_at ELSE now() END
+    FROM fence
+    WHERE q.id = fence.id
+    RETURNING q.status
 )
-UPDATE shots_queue q
-SET sent_count = q.sent_count + (SELECT count(*) FROM recipients WHERE status = 'sent'),
-    skipped_count = q.skipped_count + (SELECT count(*) FROM recipients WHERE status = 'skipped'),
-    error_count = q.error_count + (SELECT count(*) FROM recipients WHERE status = 'error'),
-    heartbeat_at = now()
-FROM fence
-WHERE q.id = fence.id
-RETURNING q.status::text AS status, (SELECT count(*) FROM contacts) AS contacts_updated;
+SELECT (SELECT status::text FROM shot) AS status,
+       (SELECT coalesce(array_agg(telegram_id ORDER BY position), '{}') FROM reserved)
+           AS reserved,
+       (SELECT count(*) FROM written) AS written;
+
+-- name: reset_stale_shots
+-- Any daemon hands back shots whose holder stopped renewing its lease: to 'pending' to be
+-- resumed, or to 'error' once they have used max_attempts (attempts released by a graceful
+-- shutdown do not count). Recipients left in flight by a shot given up on become
+-- 'outcome unknown' errors now, since nobody will resume it.
+-- $1 stale_after in seconds (float), $2 max_attempts (int), $3 error text for unknowns
+WITH stale AS (
+    SELECT q.id, q.worker_id, q.attempt_count,
+           (SELECT count(*) FROM shots_attempts a
+            WHERE a.shot_id = q.id AND a.outcome IS DISTINCT FROM 'released') AS used
+    FROM shots_queue q
+    WHERE q.status = 'running' AND q.heartbeat_at < now() - make_interval(secs => $1::float8)
+    FOR UPDATE OF q SKIP LOCKED
+), reset AS (
+    UPDATE shots_queue q
+    SET status = CASE WHEN stale.used >= $2::int THEN 'error' ELSE 'pending' END::shots_status,
+        last_error = CASE WHEN stale.used >= $2::int
+            THEN format('gave up after %s attempts: its daemon (%s) stopped renewing the lease',
+                        stale.used, stale.worker_id)
+            ELSE q.last_error END,
+        finished_at = CASE WHEN stale.used >= $2::int THEN now() ELSE q.finished_at END
+    FROM stale
+    WHERE q.id = stale.id
+    RETURNING q.id, q.status, q.attempt_count, stale.worker_id AS previous_worker
+), unknown AS (
+    UPDATE shots_sent s
+    SET status = 'error', error = $3::text
+    FROM reset
+    WHERE reset.status = 'error' AND s.shot_id = reset.id AND s.status = 'sending'
+    RETURNING 1
+), attempts AS (
+    UPDATE shots_attempts a
+    SET finished_at = now(), outcome = 'reset',
+        error = format('lease expired: no heartbeat for %s s', $1::float8)
+    FROM reset
+    WHERE a.shot_id = reset.id AND a.attempt = reset.attempt_count AND a.finished_at IS NULL
+    RETURNING 1
+)
+SELECT id, status::text AS status, previous_worker FROM reset ORDER BY id;
 
 -- name: lock_for_finish
 -- Locks a shot the writer holds and returns its recipients' tally and most frequent error.
--- $1 shot_id, $2 worker_id
+-- $1 shot_id, $2 worker_id, $3 attempt
 WITH fence AS (
     SELECT id, status FROM shots_queue
-    WHERE id = $1::bigint AND worker_id = $2::text AND status IN ('running', 'cancelled')
+    WHERE id = $1::bigint AND worker_id = $2::text AND attempt_count = $3::int
+      AND status IN ('running', 'cancelled')
     FOR UPDATE
 ), top_error AS (
     SELECT error, count(*) AS n FROM shots_sent
@@ -170,20 +221,22 @@ FROM fence LEFT JOIN shots_sent s ON s.shot_id = fence.id
 GROUP BY fence.status;
 
 -- name: finish_shot
--- $1 shot_id, $2 worker_id, $3 final status, $4 last_error, $5 sent, $6 skipped, $7 error
+-- (inside lock_for_finish's transaction) $1 shot_id, $2 final status, $3 last_error,
+-- $4 sent, $5 skipped, $6 error
 UPDATE shots_queue
-SET status = $3::text::shots_status,
-    last_error = $4::text,
-    sent_count = $5::int, skipped_count = $6::int, error_count = $7::int,
+SET status = $2::text::shots_status,
+    last_error = $3::text,
+    sent_count = $4::int, skipped_count = $5::int, error_count = $6::int,
     finished_at = now()
-WHERE id = $1::bigint AND worker_id = $2::text AND status IN ('running', 'cancelled')
-RETURNING id;
+WHERE id = $1::bigint;
 
 -- name: release_shot
--- Graceful shutdown hands a running shot back to the queue. $1 shot_id, $2 worker_id
+-- Graceful shutdown hands a running shot back to the queue. $1 shot_id, $2 worker_id,
+-- $3 attempt
 UPDATE shots_queue
 SET status = 'pending'
-WHERE id = $1::bigint AND worker_id = $2::text AND status = 'running'
+WHERE id = $1::bigint AND worker_id = $2::text AND attempt_count = $3::int
+  AND status = 'running'
 RETURNING id;
 
 -- name: finish_attempt
@@ -193,16 +246,17 @@ SET finished_at = now(), outcome = $3::text::shots_attempt_outcome,
     sent_count = $4::int, skipped_count = $5::int, error_count = $6::int, error = $7::text
 WHERE shot_id = $1::bigint AND attempt = $2::int;
 
--- name: shot_holder
--- $1 shot_id, $2 worker_id
-SELECT status::text AS status, worker_id IS NOT DISTINCT FROM $2::text AS ours
-FROM shots_queue WHERE id = $1::bigint;
-
--- name: next_scheduled_at
--- When the next pending shot becomes due (NULL when none), so the picker can wake for it.
--- Shots already due but waiting for their bot are woken when that bot's running shot ends.
-SELECT min(scheduled_at) AS next_at FROM shots_queue
+-- name: seconds_to_next_due
+-- Seconds until the next pending shot becomes due (NULL when none), measured on the
+-- database's clock, so the picker can wake for it. Shots already due but waiting for
+-- their bot are woken when that bot's running shot ends.
+SELECT extract(epoch FROM min(scheduled_at) - now())::float8 AS seconds FROM shots_queue
 WHERE status = 'pending' AND scheduled_at > now();
+
+-- name: queue_busy
+-- Whether any shot is running (here or elsewhere) or due: `run --exit-when-idle` waits.
+SELECT EXISTS (SELECT 1 FROM shots_queue WHERE status = 'running')
+    OR EXISTS (SELECT 1 FROM shots_queue WHERE status = 'pending' AND scheduled_at <= now());
 
 -- name: shots_by_status
 SELECT status::text AS status, count(*) AS n FROM shots_queue GROUP BY status ORDER BY status;

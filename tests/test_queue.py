@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from daemon.db import Db
+from daemon.db import Db, Lease
 from tests.conftest import add_contacts, add_shot
 
 WORKER_A, WORKER_B = "host-a:1:aaaa", "host-b:2:bbbb"
@@ -72,8 +72,9 @@ async def test_future_and_non_pending_shots_are_not_claimed(pool: asyncpg.Pool) 
     for status in ("sent", "error", "cancelled", "skipped"):
         await add_shot(pool, status=status)
     assert await Db(pool).claim_shot(WORKER_A) is None
-    next_at = await Db(pool).next_scheduled_at()
-    assert next_at is not None
+    until = await Db(pool).seconds_to_next_due()
+    assert until is not None
+    assert 3500 < until <= 3600
 
 
 async def _audience(pool: asyncpg.Pool, shot_id: int) -> list[int]:
@@ -81,7 +82,8 @@ async def _audience(pool: asyncpg.Pool, shot_id: int) -> list[int]:
     claimed = await db.claim_shot(WORKER_A)
     assert claimed is not None
     assert claimed.id == shot_id
-    assert await db.select_audience(claimed, WORKER_A) is not None
+    lease = Lease(claimed.id, WORKER_A, claimed.attempt)
+    assert await db.select_audience(claimed, lease) is not None
     rows = await pool.fetch(
         "SELECT telegram_id, position, status::text FROM shots_sent WHERE shot_id = $1 "
         "ORDER BY position", shot_id)
@@ -139,5 +141,6 @@ async def test_audience_selection_is_fenced(pool: asyncpg.Pool) -> None:
     db = Db(pool)
     claimed = await db.claim_shot(WORKER_A)
     assert claimed is not None
-    assert await db.select_audience(claimed, WORKER_B) is None  # not B's shot
-    assert await pool.fetchval("SELECT count(*) FROM shots_sent") == 0
+    assert await db.select_audience(claimed, Lease(claimed.id, WORKER_B, 1)) is None
+    assert await db.select_audience(claimed, Lease(claimed.id, WORKER_A, 2)) is None
+    assert await pool.fetchval("SELECT count(*) FROM shots_sent") == 0  # nothing written
