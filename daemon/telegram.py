@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import html
+import math
 import re
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,7 +124,8 @@ def classify(status: int, body: Any) -> Result:
     """Maps one Bot API answer (HTTP status + decoded JSON) to what it means for the shot."""
     code = str(status)
     if not isinstance(body, dict):
-        return Result(Kind.TRANSIENT, f"HTTP {status} without a Bot API answer", code=code)
+        # Not the Bot API talking (a proxy, a wrong api_base): judge by the status alone.
+        return _classify_error(status, f"HTTP {status} without a Bot API answer", None, code)
     if body.get("ok") is True:
         result = body.get("result")
         message_id = result.get("message_id") if isinstance(result, dict) else None
@@ -164,31 +168,51 @@ def redact(text: str, secrets: list[str]) -> str:
 class BotPacer:
     """Paces one bot's requests: never more than `rate` in any 1-second window.
 
-    A leaky bucket of capacity one (aiolimiter with max_rate=1 per 1/rate seconds) admits one
-    request every 1/rate seconds from the very first, so there is no start-up burst. `pause`
-    holds every request of the bot until a 429's retry_after has passed.
+    Two rules, both needed. A leaky bucket of capacity one (aiolimiter, max_rate=1 per 1/rate
+    seconds) spaces requests evenly from the very first, so there is no start-up burst. A
+    log of the last floor(rate) send times then holds a request until the oldest of them is
+    more than a second (plus a small margin for the trip to Telegram) old: the bucket alone
+    lets ceil(rate) through in a second at a fractional rate, and the event loop's
+    millisecond clock can shorten its gaps. `pause` holds every request of the bot until a
+    429's retry_after has passed.
     """
 
-    def __init__(self, rate_per_second: float) -> None:
+    WINDOW = 1.0
+    MARGIN = 0.005  # seconds: jitter between our clock and the request reaching Telegram
+
+    def __init__(self, rate_per_second: float, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
         self.rate = rate_per_second
+        self._clock = clock
         self._limiter = AsyncLimiter(1, 1.0 / rate_per_second)
-        self._resume_at = 0.0  # time.monotonic()
+        self._sent: deque[float] = deque(maxlen=max(1, math.floor(rate_per_second)))
+        self._window_lock = asyncio.Lock()
+        self._resume_at = 0.0
 
     def pause(self, seconds: float) -> None:
-        self._resume_at = max(self._resume_at, time.monotonic() + seconds)
+        self._resume_at = max(self._resume_at, self._clock() + seconds)
 
     @property
     def paused_for(self) -> float:
-        return max(0.0, self._resume_at - time.monotonic())
+        return max(0.0, self._resume_at - self._clock())
 
     async def acquire(self) -> None:
         while True:
             while (delay := self.paused_for) > 0:
                 await asyncio.sleep(delay)
             await self._limiter.acquire()
-            if self.paused_for == 0:
-                return
+            async with self._window_lock:
+                while (wait := self._window_wait()) > 0:
+                    await asyncio.sleep(wait)
+                if self.paused_for == 0:
+                    self._sent.append(self._clock())
+                    return
             # A 429 arrived while we queued: this slot falls inside the pause; wait it out.
+
+    def _window_wait(self) -> float:
+        if len(self._sent) < (self._sent.maxlen or 1):
+            return 0.0
+        return self._sent[0] + self.WINDOW + self.MARGIN - self._clock()
 
 
 class BotApi:

@@ -99,8 +99,11 @@ async def shotsd(*args: str, log: Path | None = None) -> asyncio.subprocess.Proc
         sys.executable, "-m", "daemon", *args, cwd=ROOT, env=env, stdout=out, stderr=out)
 
 
-async def watch(conn: asyncpg.Connection, shot_id: int) -> asyncpg.Record:
+async def watch(conn: asyncpg.Connection, shot_id: int,
+                daemon: asyncio.subprocess.Process) -> asyncpg.Record:
     while True:
+        if daemon.returncode is not None:
+            raise SystemExit(f"demo: shotsd exited with status {daemon.returncode}; see its log")
         row = await conn.fetchrow(
             "SELECT status::text, audience_total, sent_count, skipped_count, error_count "
             "FROM shots_queue WHERE id = $1", shot_id)
@@ -148,7 +151,7 @@ async def main() -> int:
             try:
                 say("enqueueing a shot, as an operator would:\n" + SHOT_SQL)
                 shot_id = await conn.fetchval(SHOT_SQL)
-                final = await watch(conn, shot_id)
+                final = await watch(conn, shot_id, daemon)
                 await report(conn, shot_id, emulator)
             finally:
                 await conn.close()

@@ -143,7 +143,7 @@ def _find_binaries() -> tuple[str, str]:
 
     def version(p: Path) -> tuple[int, ...]:
         try:
-            return tuple(int(x) for x in p.parent.parent.name.split("."))
+            return tuple(int(x) for x in p.parent.name.split("."))  # /usr/lib/postgresql/N/bin
         except ValueError:
             return (-1,)
 

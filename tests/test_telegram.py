@@ -159,3 +159,26 @@ async def test_pacer_has_no_start_up_burst_and_honours_pauses() -> None:
     paused_at = time.monotonic()
     await one()
     assert stamps[-1] - paused_at >= 0.3
+
+
+@pytest.mark.asyncio
+async def test_pacer_caps_any_window_at_floor_rate_for_fractional_rates() -> None:
+    pacer = BotPacer(rate_per_second=2.5)
+    stamps: list[float] = []
+    for _ in range(5):
+        await pacer.acquire()
+        stamps.append(time.monotonic())
+    for i, start in enumerate(stamps):
+        in_window = [t for t in stamps[i:] if t < start + 1.0]
+        assert len(in_window) <= 2, stamps
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(404, Kind.TOKEN_REJECTED), (401, Kind.TOKEN_REJECTED), (502, Kind.TRANSIENT),
+     (429, Kind.RETRY_AFTER)],
+)
+def test_answers_that_are_not_the_bot_api_are_judged_by_status(status: int, kind: Kind) -> None:
+    result = classify(status, None)
+    assert result.kind is kind
+    assert f"HTTP {status} without a Bot API answer" in result.description
