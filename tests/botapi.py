@@ -352,6 +352,9 @@ class BotApiEmulator:
         self.requests: list[RecordedRequest] = []
         self.default: Behaviour = Ok()
         self.default_for: Callable[[int], Behaviour | None] | None = None
+        # When set, every request of every method answers this way (Telegram or the network
+        # down); set back to None to recover.
+        self.outage: Behaviour | None = None
         self._tokens = set(tokens)
         self._scripts: dict[int, list[Behaviour]] = {}
         self._message_ids: dict[tuple[str, int], int] = {}
@@ -465,6 +468,8 @@ class BotApiEmulator:
     def _answer(self, token: str, method: str, payload: dict[str, Any],
                 chat_id: int | None) -> tuple[int, dict[str, Any] | None, float]:
         """Decide (status, body, extra delay) for one request; status 0 means drop it."""
+        if self.outage is not None:
+            return self._misbehave(self.outage)
         if token not in self._tokens:
             return 401, Refusal(401, "Unauthorized").body(), 0.0
         if method.lower() == "getme":
@@ -482,10 +487,22 @@ class BotApiEmulator:
         while isinstance(behaviour, Slow):
             delay += behaviour.seconds
             behaviour = behaviour.then
-        if isinstance(behaviour, Disconnect):
-            return 0, None, delay
         if isinstance(behaviour, Ok) and chat_id is not None:
             return 200, {"ok": True, "result": self._message(token, chat_id, kind, text)}, delay
+        status, body, extra = self._misbehave(behaviour)
+        return status, body, delay + extra
+
+    @staticmethod
+    def _misbehave(behaviour: Behaviour) -> tuple[int, dict[str, Any] | None, float]:
+        """The answer for any behaviour but a successful send."""
+        delay = 0.0
+        while isinstance(behaviour, Slow):
+            delay += behaviour.seconds
+            behaviour = behaviour.then
+        if isinstance(behaviour, Disconnect):
+            return 0, None, delay
+        if isinstance(behaviour, Ok):
+            behaviour = ChatNotFound()  # an Ok outage makes no sense; a send needs a chat
         if isinstance(behaviour, RetryAfter):
             refusal = Refusal(429, f"Too Many Requests: retry after {behaviour.seconds}",
                               behaviour.seconds)

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,3 +208,35 @@ async def add_shot(pool: asyncpg.Pool, bot_slug: str = "shop", copy: str = "Hell
         f"INSERT INTO shots_queue ({', '.join(values)}) VALUES ({params}) RETURNING id",
         *values.values())
     return shot_id
+
+
+async def shot_row(pool: asyncpg.Pool, shot_id: int) -> asyncpg.Record:
+    row = await pool.fetchrow("SELECT *, status::text AS status FROM shots_queue WHERE id = $1",
+                              shot_id)
+    assert row is not None
+    return row
+
+
+async def recipients_of(pool: asyncpg.Pool, shot_id: int) -> dict[int, asyncpg.Record]:
+    rows = await pool.fetch("SELECT *, status::text AS status FROM shots_sent "
+                            "WHERE shot_id = $1 ORDER BY position", shot_id)
+    return {r["telegram_id"]: r for r in rows}
+
+
+def assert_no_secret(done: Finished) -> None:
+    assert TOKEN not in done.stdout
+    assert TOKEN not in done.stderr
+
+
+async def run_idle(cfg: Path) -> Finished:
+    done = await run_shotsd("run", "--exit-when-idle", "--config", str(cfg))
+    assert done.returncode == 0, done.stderr + done.stdout[-2000:]
+    assert_no_secret(done)
+    return done
+
+
+async def wait_until(pool: asyncpg.Pool, sql: str, *args: object, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not await pool.fetchval(sql, *args):
+        assert time.monotonic() < deadline, f"timed out waiting for: {sql}"
+        await asyncio.sleep(0.05)

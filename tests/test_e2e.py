@@ -14,38 +14,15 @@ import pytest
 from tests.botapi import Blocked, BotApiEmulator, ChatNotFound, Deactivated, Ok, ServerError
 from tests.conftest import (
     TOKEN,
-    Finished,
     add_contacts,
     add_shot,
-    run_shotsd,
+    recipients_of,
+    run_idle,
+    shot_row,
     start_shotsd,
+    wait_until,
     write_config,
 )
-
-
-async def _shot(pool: asyncpg.Pool, shot_id: int) -> asyncpg.Record:
-    row = await pool.fetchrow("SELECT *, status::text AS status FROM shots_queue WHERE id = $1",
-                              shot_id)
-    assert row is not None
-    return row
-
-
-async def _recipients(pool: asyncpg.Pool, shot_id: int) -> dict[int, asyncpg.Record]:
-    rows = await pool.fetch("SELECT *, status::text AS status FROM shots_sent "
-                            "WHERE shot_id = $1 ORDER BY position", shot_id)
-    return {r["telegram_id"]: r for r in rows}
-
-
-def _assert_no_secret(done: Finished) -> None:
-    assert TOKEN not in done.stdout
-    assert TOKEN not in done.stderr
-
-
-async def _run_idle(cfg: Path) -> Finished:
-    done = await run_shotsd("run", "--exit-when-idle", "--config", str(cfg))
-    assert done.returncode == 0, done.stderr + done.stdout[-2000:]
-    _assert_no_secret(done)
-    return done
 
 
 @pytest.mark.asyncio
@@ -63,9 +40,9 @@ async def test_one_shot_end_to_end(
     cfg = write_config(tmp_path / "c.toml", dsn, emulator.base_url,
                        telegram={"rate_per_second": 40.0})
 
-    done = await _run_idle(cfg)
+    done = await run_idle(cfg)
 
-    row = await _shot(pool, shot)
+    row = await shot_row(pool, shot)
     assert row["status"] == "error"  # one recipient failed for good
     assert row["last_error"] == (
         "1 of 120 recipients failed; most frequent: Bad Request: user not found (1)")
@@ -74,7 +51,7 @@ async def test_one_shot_end_to_end(
     assert row["finished_at"] is not None
     assert row["attempt_count"] == 1
 
-    recipients = await _recipients(pool, shot)
+    recipients = await recipients_of(pool, shot)
     assert list(recipients) == audience  # hot leads first, each once
     delivered = {r.chat_id: r for r in emulator.delivered()}
     for telegram_id, rec in recipients.items():
@@ -124,7 +101,7 @@ async def test_pacing_has_no_start_up_burst(
     await add_shot(pool)
     cfg = write_config(tmp_path / "c.toml", dsn, emulator.base_url,
                        telegram={"rate_per_second": 20.0})
-    await _run_idle(cfg)
+    await run_idle(cfg)
     arrivals = [r.at for r in emulator.requests]
     assert len(arrivals) == 60
     assert emulator.max_in_window(TOKEN) <= 20
@@ -146,21 +123,21 @@ async def test_unknown_bot_and_bad_copy_fail_alone_while_other_shots_are_served(
     cfg = write_config(tmp_path / "c.toml", dsn, emulator.base_url,
                        telegram={"rate_per_second": 200.0})
 
-    await _run_idle(cfg)
+    await run_idle(cfg)
 
-    ghost_row = await _shot(pool, ghost)
+    ghost_row = await shot_row(pool, ghost)
     assert ghost_row["status"] == "error"
     assert "no bot 'ghost' is configured" in ghost_row["last_error"]
-    long_row = await _shot(pool, too_long)
+    long_row = await shot_row(pool, too_long)
     assert long_row["status"] == "error"
     assert "5000 characters" in long_row["last_error"]
-    assert await _recipients(pool, too_long) == {}  # refused before anything was selected
-    html_row = await _shot(pool, broken_html)
+    assert await recipients_of(pool, too_long) == {}  # refused before anything was selected
+    html_row = await shot_row(pool, broken_html)
     assert html_row["status"] == "error"
     assert "can't parse entities" in html_row["last_error"]
-    html_recipients = await _recipients(pool, broken_html)
+    html_recipients = await recipients_of(pool, broken_html)
     assert {r["status"] for r in html_recipients.values()} == {"pending"}  # for a requeue
-    assert (await _shot(pool, good))["status"] == "sent"
+    assert (await shot_row(pool, good))["status"] == "sent"
     assert len(emulator.delivered()) == 10
 
 
@@ -170,17 +147,10 @@ async def test_empty_audience_is_skipped(
 ) -> None:
     await add_contacts(pool, "shop", [1], state="blocked")
     shot = await add_shot(pool, "shop")
-    await _run_idle(write_config(tmp_path / "c.toml", dsn, emulator.base_url))
-    row = await _shot(pool, shot)
+    await run_idle(write_config(tmp_path / "c.toml", dsn, emulator.base_url))
+    row = await shot_row(pool, shot)
     assert (row["status"], row["audience_total"]) == ("skipped", 0)
     assert emulator.requests == []
-
-
-async def _wait_until(pool: asyncpg.Pool, sql: str, *args: object, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not await pool.fetchval(sql, *args):
-        assert time.monotonic() < deadline, f"timed out waiting for: {sql}"
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.asyncio
@@ -194,7 +164,7 @@ async def test_sigterm_drains_releases_and_the_next_run_resumes(
                        telegram={"rate_per_second": 50.0})
     proc = await start_shotsd("run", "--config", str(cfg))
     try:
-        await _wait_until(pool, "SELECT sent_count >= 20 FROM shots_queue WHERE id = $1", shot)
+        await wait_until(pool, "SELECT sent_count >= 20 FROM shots_queue WHERE id = $1", shot)
         proc.send_signal(signal.SIGTERM)
         stopped_at = time.monotonic()
         out, _err = await asyncio.wait_for(proc.communicate(), 10)
@@ -204,10 +174,10 @@ async def test_sigterm_drains_releases_and_the_next_run_resumes(
         if proc.returncode is None:
             proc.kill()
     assert b"shot_released" in out
-    row = await _shot(pool, shot)
+    row = await shot_row(pool, shot)
     assert row["status"] == "pending"
     assert row["sent_count"] < 200
-    statuses = Counter(r["status"] for r in (await _recipients(pool, shot)).values())
+    statuses = Counter(r["status"] for r in (await recipients_of(pool, shot)).values())
     assert statuses["sending"] == 0  # every in-flight request was drained and written
     assert statuses["sent"] == len(emulator.delivered())
     attempt = await pool.fetchval("SELECT outcome::text FROM shots_attempts WHERE shot_id = $1",
@@ -215,8 +185,8 @@ async def test_sigterm_drains_releases_and_the_next_run_resumes(
     assert attempt == "released"
 
     emulator.latency = 0.0
-    await _run_idle(cfg)
-    row = await _shot(pool, shot)
+    await run_idle(cfg)
+    row = await shot_row(pool, shot)
     assert (row["status"], row["sent_count"], row["attempt_count"]) == ("sent", 200, 2)
     per_chat = Counter(r.chat_id for r in emulator.requests)
     assert len(per_chat) == 200
@@ -239,15 +209,15 @@ async def test_repeated_sigkill_never_sends_anyone_the_shot_twice(
         proc = await start_shotsd("run", "--config", str(cfg))
         try:
             # each run makes progress first (a killed holder's lease must lapse: stale_after)
-            await _wait_until(
+            await wait_until(
                 pool, "SELECT sent_count >= $2 FROM shots_queue WHERE id = $1", shot, 60 * kill)
         finally:
             proc.kill()
             await proc.wait()
     emulator.latency = 0.0
-    await _run_idle(cfg)
+    await run_idle(cfg)
 
-    recipients = await _recipients(pool, shot)
+    recipients = await recipients_of(pool, shot)
     assert len(recipients) == audience
     assert {r["status"] for r in recipients.values()} <= {"sent", "error"}  # all terminal
     unknown = [r for r in recipients.values() if r["status"] == "error"]
@@ -255,7 +225,7 @@ async def test_repeated_sigkill_never_sends_anyone_the_shot_twice(
     assert 0 < len(unknown) <= concurrency * kills
     per_chat = Counter(r.chat_id for r in emulator.requests)
     assert max(per_chat.values()) == 1  # nobody got the shot twice
-    row = await _shot(pool, shot)
+    row = await shot_row(pool, shot)
     assert (row["status"], row["attempt_count"]) == ("error", kills + 1)
     assert row["sent_count"] == audience - len(unknown)
     outcomes = [r["outcome"] for r in await pool.fetch(
@@ -274,26 +244,26 @@ async def test_cancel_stops_a_running_shot_and_requeue_resumes_it(
                        telegram={"rate_per_second": 50.0})
     proc = await start_shotsd("run", "--config", str(cfg))
     try:
-        await _wait_until(pool, "SELECT sent_count >= 20 FROM shots_queue WHERE id = $1", shot)
+        await wait_until(pool, "SELECT sent_count >= 20 FROM shots_queue WHERE id = $1", shot)
         await pool.execute("UPDATE shots_queue SET status = 'cancelled' WHERE id = $1", shot)
         cancelled_at = time.monotonic()
-        await _wait_until(pool, "SELECT finished_at IS NOT NULL FROM shots_queue WHERE id = $1",
+        await wait_until(pool, "SELECT finished_at IS NOT NULL FROM shots_queue WHERE id = $1",
                           shot)
         # SPEC §3: a cancelled running shot stops sending within 2 s
         assert [r for r in emulator.requests if r.at > cancelled_at + 2.0] == []
-        row = await _shot(pool, shot)
+        row = await shot_row(pool, shot)
         assert row["status"] == "cancelled"
         assert "cancelled by an operator" in row["last_error"]
-        statuses = Counter(r["status"] for r in (await _recipients(pool, shot)).values())
+        statuses = Counter(r["status"] for r in (await recipients_of(pool, shot)).values())
         assert statuses["pending"] > 0
         assert statuses["sending"] == 0
 
         await pool.execute("UPDATE shots_queue SET status = 'pending' WHERE id = $1", shot)
-        await _wait_until(pool, "SELECT status = 'sent' FROM shots_queue WHERE id = $1", shot)
+        await wait_until(pool, "SELECT status = 'sent' FROM shots_queue WHERE id = $1", shot)
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.communicate(), 10)
-    row = await _shot(pool, shot)
+    row = await shot_row(pool, shot)
     assert (row["sent_count"], row["error_count"], row["attempt_count"]) == (300, 0, 2)
     per_chat = Counter(r.chat_id for r in emulator.delivered())
     assert len(per_chat) == 300

@@ -1,0 +1,211 @@
+"""SPEC §5 through the real daemon: payloads per media type and every row of the outcome
+table, asserted on the emulator's request log and the database."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.botapi import BadGateway, BotApiEmulator, Ok, RetryAfter, ServerError, Slow
+from tests.conftest import (
+    TOKEN,
+    add_contacts,
+    add_shot,
+    recipients_of,
+    run_idle,
+    run_shotsd,
+    shot_row,
+    shotsd_env,
+    start_shotsd,
+    write_config,
+)
+
+URL = "https://cdn.example/file"
+
+
+@pytest.mark.asyncio
+async def test_media_types_and_caption_overflow(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", [1, 2])
+    long_copy = "<b>" + "x" * 1100 + "</b>"
+    photo = await add_shot(pool, copy="A photo", media_type="photo", media_url=URL + ".jpg")
+    video = await add_shot(pool, copy=long_copy, media_type="video", media_url=URL + ".mp4")
+    audio = await add_shot(pool, copy="Listen", media_type="audio", media_url=URL + ".mp3")
+    text = await add_shot(pool, copy="Just text")
+    await run_idle(write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                                 telegram={"rate_per_second": 100.0}))
+
+    calls = [(r.method, {k: v for k, v in r.payload.items() if k != "chat_id"})
+             for r in emulator.requests if r.chat_id == 1]
+    html = {"parse_mode": "HTML"}
+    no_preview = {"link_preview_options": {"is_disabled": True}}
+    assert calls == [
+        ("sendPhoto", html | {"photo": URL + ".jpg", "caption": "A photo"}),
+        ("sendVideo", {"video": URL + ".mp4"}),
+        ("sendMessage", html | {"text": long_copy} | no_preview),
+        ("sendAudio", {"audio": URL + ".mp3"}),
+        ("sendMessage", html | {"text": "Listen"} | no_preview),
+        ("sendMessage", html | {"text": "Just text"} | no_preview),
+    ]
+    for shot in (photo, video, audio, text):
+        assert (await shot_row(pool, shot))["status"] == "sent"
+        recipients = await recipients_of(pool, shot)
+        assert {r["status"] for r in recipients.values()} == {"sent"}
+    # the stored message_id is the last message's (the copy, after the media)
+    last_to_1 = next(r for r in emulator.delivered(1) if r.payload.get("text") == "Listen")
+    assert (await recipients_of(pool, audio))[1]["message_id"] == (
+        last_to_1.response["result"]["message_id"])
+
+
+@pytest.mark.asyncio
+async def test_429_pauses_every_request_of_the_bot_then_retries(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 41))
+    emulator.script(5, RetryAfter(2), Ok())
+    shot = await add_shot(pool)
+    done = await run_idle(write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                                        telegram={"rate_per_second": 40.0}))
+
+    [limited] = [r for r in emulator.requests if r.status == 429]
+    # Requests already on the wire when the 429 came back may land just after it; nothing
+    # is sent after that during the pause.
+    during = [r for r in emulator.requests if limited.at + 0.1 < r.at < limited.at + 2.0]
+    assert during == []
+    assert [r.status for r in emulator.requests if r.chat_id == 5] == [429, 200]
+    assert (await shot_row(pool, shot))["sent_count"] == 40
+    assert "bot_rate_limited" in done.events()
+
+
+@pytest.mark.asyncio
+async def test_transient_errors_are_retried_with_backoff_then_fail(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 11))
+    emulator.script(3, ServerError(500), ServerError(500), Ok())
+    emulator.script(4, BadGateway())
+    emulator.script(6, Slow(2.0), Ok())  # the first answer comes after request_timeout
+    shot = await add_shot(pool)
+    await run_idle(write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                                 telegram={"rate_per_second": 50.0, "max_retries": 2,
+                                           "request_timeout": 0.5}))
+
+    recipients = await recipients_of(pool, shot)
+    assert recipients[3]["status"] == "sent"
+    assert [r.status for r in emulator.requests if r.chat_id == 3] == [500, 500, 200]
+    assert (recipients[4]["status"], recipients[4]["error"]) == ("error", "Bad Gateway")
+    assert len([r for r in emulator.requests if r.chat_id == 4]) == 3  # 1 + max_retries
+    assert recipients[6]["status"] == "sent"
+    chat_4 = [r.at for r in emulator.requests if r.chat_id == 4]
+    assert chat_4[1] - chat_4[0] >= 0.5
+    assert chat_4[2] - chat_4[1] >= 1.0
+    row = await shot_row(pool, shot)
+    assert row["status"] == "error"
+    assert row["last_error"] == "1 of 10 recipients failed; most frequent: Bad Gateway (1)"
+
+
+@pytest.mark.asyncio
+async def test_rejected_token_stops_the_shot_and_keeps_recipients_for_a_requeue(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 31))
+    shot = await add_shot(pool)
+    cfg = write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                       telegram={"rate_per_second": 20.0})
+    wrong = shotsd_env(SHOP_TOKEN="999999:TEST-revoked-token-dddddddddddddddddddd")
+    done = await run_shotsd("run", "--exit-when-idle", "--config", str(cfg), env=wrong)
+    assert done.returncode == 0
+    assert "999999:TEST-revoked" not in done.stdout + done.stderr
+
+    row = await shot_row(pool, shot)
+    assert row["status"] == "error"
+    assert row["last_error"].startswith("bot token for 'shop' rejected by Telegram")
+    assert len(emulator.requests) <= 3  # stopped at the first answer(s), not 30
+    statuses = Counter(r["status"] for r in (await recipients_of(pool, shot)).values())
+    assert statuses == {"pending": 30}
+
+    await pool.execute("UPDATE shots_queue SET status = 'pending' WHERE id = $1", shot)
+    await run_idle(cfg)  # with the right token now
+    assert (await shot_row(pool, shot))["sent_count"] == 30
+    assert Counter(r.chat_id for r in emulator.delivered()) == dict.fromkeys(range(1, 31), 1)
+
+
+@pytest.mark.asyncio
+async def test_telegram_outage_pauses_and_probes_without_burning_recipients(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 201))
+    shot = await add_shot(pool)
+    cfg = write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                       telegram={"rate_per_second": 50.0, "max_retries": 1})
+    proc = await start_shotsd("run", "--exit-when-idle", "--config", str(cfg))
+    try:
+        await emulator.wait_for(lambda e: len(e.delivered()) >= 30)
+        emulator.outage = BadGateway()
+        down_at = len(emulator.requests)
+        await emulator.wait_for(
+            lambda e: sum(r.method == "getMe" for r in e.requests[down_at:]) >= 2, timeout=20)
+        sends_during_outage = [r for r in emulator.requests[down_at:] if r.method != "getMe"]
+        emulator.outage = None
+        out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert b"telegram_unreachable" in out
+    assert b"telegram_reachable" in out
+    # the shot paused instead of trying every recipient against a dead API
+    assert len(sends_during_outage) <= 60
+    row = await shot_row(pool, shot)
+    assert (row["status"], row["sent_count"], row["error_count"]) == ("sent", 200, 0)
+    assert Counter(r.chat_id for r in emulator.delivered()) == dict.fromkeys(range(1, 201), 1)
+
+
+@pytest.mark.asyncio
+async def test_an_edit_while_running_does_not_change_what_is_sent(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 81))
+    shot = await add_shot(pool, copy="original copy")
+    emulator.latency = 0.05
+    proc = await start_shotsd("run", "--exit-when-idle", "--config", str(
+        write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                     telegram={"rate_per_second": 40.0})))
+    try:
+        await emulator.wait_for(lambda e: len(e.delivered()) >= 10)
+        await pool.execute("UPDATE shots_queue SET copy = 'edited copy' WHERE id = $1", shot)
+        await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert {r.payload["text"] for r in emulator.requests} == {"original copy"}
+    assert (await shot_row(pool, shot))["sent_count"] == 80
+
+
+@pytest.mark.asyncio
+async def test_shots_of_different_bots_run_at_once_each_at_its_own_rate(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 61))
+    await add_contacts(pool, "other", range(1, 61))
+    shop = await add_shot(pool, "shop")
+    other = await add_shot(pool, "other")
+    await run_idle(write_config(
+        tmp_path / "c.toml", dsn, emulator.base_url, telegram={"rate_per_second": 20.0},
+        bots={"shop": "SHOP_TOKEN", "other": "OTHER_TOKEN"}))
+
+    by_token = {t: [r.at for r in emulator.requests if r.token == t]
+                for t in {r.token for r in emulator.requests}}
+    assert len(by_token) == 2
+    first, second = sorted(by_token.values())
+    assert second[0] < first[-1]  # they overlapped in time
+    for token in by_token:
+        assert emulator.max_in_window(token) <= 20
+    assert emulator.max_in_window() > 20  # the limit is per bot, not global
+    for shot in (shop, other):
+        assert (await shot_row(pool, shot))["sent_count"] == 60
+    assert TOKEN in by_token
