@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from daemon.db import Db, Lease
+from daemon.db import UNKNOWN_OUTCOME, AttemptCounts, Db, Lease, RecipientOutcome
 from tests.conftest import add_contacts, add_shot
 
 WORKER_A, WORKER_B = "host-a:1:aaaa", "host-b:2:bbbb"
@@ -144,3 +144,106 @@ async def test_audience_selection_is_fenced(pool: asyncpg.Pool) -> None:
     assert await db.select_audience(claimed, Lease(claimed.id, WORKER_B, 1)) is None
     assert await db.select_audience(claimed, Lease(claimed.id, WORKER_A, 2)) is None
     assert await pool.fetchval("SELECT count(*) FROM shots_sent") == 0  # nothing written
+
+
+@pytest.mark.asyncio
+async def test_pix_created_audience(pool: asyncpg.Pool) -> None:
+    await add_contacts(pool, "shop", range(1, 9))
+    await add_contacts(pool, "shop", [9], state="blocked")
+    await add_contacts(pool, "shop", [10], days_ago=60)
+    await pool.executemany(
+        "INSERT INTO funnel_events (bot_slug, telegram_id, event_name) VALUES ($1, $2, $3)",
+        [("shop", 1, "pix_created"), ("shop", 2, "checkout_pix_created"), ("shop", 3, "start"),
+         ("other", 4, "pix_created"), ("shop", 9, "pix_created"), ("shop", 10, "pix_created"),
+         ("shop", 1, "checkout_pix_created")])  # a second event: still one recipient
+    await pool.executemany(
+        "INSERT INTO payment_transactions (bot_slug, telegram_id, status) VALUES ($1, $2, $3)",
+        [("shop", 5, "created"), ("shop", 6, "paid"), ("shop", 7, "refused"),
+         ("other", 8, "paid")])
+    everyone = await add_shot(pool, "shop", target="pix_created")
+    assert sorted(await _audience(pool, everyone)) == [1, 2, 5, 6, 10]
+    await pool.execute("UPDATE shots_queue SET status = 'sent' WHERE id = $1", everyone)
+    recent = await add_shot(pool, "shop", target="pix_created", recency_days=30)
+    assert sorted(await _audience(pool, recent)) == [1, 2, 5, 6]
+
+
+async def _stale(pool: asyncpg.Pool, shot_id: int) -> None:
+    await pool.execute("UPDATE shots_queue SET heartbeat_at = now() - interval '2 minutes' "
+                       "WHERE id = $1", shot_id)
+
+
+@pytest.mark.asyncio
+async def test_stale_shots_are_reset_then_given_up_after_max_attempts(pool: asyncpg.Pool) -> None:
+    await add_contacts(pool, "shop", [1, 2, 3])
+    shot = await add_shot(pool, "shop")
+    db = Db(pool)
+    for attempt in (1, 2):
+        claimed = await db.claim_shot(WORKER_A)
+        assert claimed is not None
+        assert claimed.attempt == attempt
+        lease = Lease(shot, WORKER_A, attempt)
+        assert await db.begin_attempt(claimed, lease)
+        if attempt == 1:
+            await db.select_audience(claimed, lease)
+        assert (await db.cycle(lease, [], 1)).reserved == [1 if attempt == 1 else 2]
+        assert await db.reset_stale(60, 3) == []  # the lease is fresh
+        await _stale(pool, shot)
+        assert await db.reset_stale(60, 2) == [(shot, "pending" if attempt == 1 else "error")]
+    row = await pool.fetchrow("SELECT status::text, last_error, finished_at FROM shots_queue "
+                              "WHERE id = $1", shot)
+    assert row["status"] == "error"
+    assert row["last_error"].startswith(f"gave up after 2 attempts: its daemon ({WORKER_A})")
+    assert row["finished_at"] is not None
+    sent = dict(await pool.fetch("SELECT telegram_id, status::text FROM shots_sent "
+                                 "WHERE shot_id = $1", shot))
+    # recipient 1 was in flight at the first reset and 2 at the second: unknown, never pending
+    assert sent == {1: "error", 2: "error", 3: "pending"}
+    outcomes = await pool.fetch("SELECT outcome::text FROM shots_attempts WHERE shot_id = $1 "
+                                "ORDER BY attempt", shot)
+    assert [r["outcome"] for r in outcomes] == ["reset", "reset"]
+
+
+@pytest.mark.asyncio
+async def test_released_attempts_do_not_count_against_max_attempts(pool: asyncpg.Pool) -> None:
+    shot = await add_shot(pool, "shop")
+    db = Db(pool)
+    for attempt in (1, 2, 3):
+        claimed = await db.claim_shot(WORKER_A)
+        assert claimed is not None
+        lease = Lease(shot, WORKER_A, attempt)
+        assert await db.begin_attempt(claimed, lease)
+        if attempt < 3:
+            assert await db.release_shot(lease, AttemptCounts())
+    await _stale(pool, shot)
+    assert await db.reset_stale(60, 2) == [(shot, "pending")]  # 1 counted attempt of 2
+
+
+@pytest.mark.asyncio
+async def test_a_stale_claim_cannot_write_after_a_newer_claim(pool: asyncpg.Pool) -> None:
+    await add_contacts(pool, "shop", [1, 2])
+    shot = await add_shot(pool, "shop")
+    db = Db(pool)
+    first = await db.claim_shot(WORKER_A)
+    assert first is not None
+    old = Lease(shot, WORKER_A, 1)
+    assert await db.begin_attempt(first, old)
+    await db.select_audience(first, old)
+    assert (await db.cycle(old, [], 1)).reserved == [1]
+    await pool.execute("UPDATE shots_queue SET status = 'pending' WHERE id = $1", shot)
+    second = await db.claim_shot(WORKER_A)  # the same daemon claims it again
+    assert second is not None
+    assert second.attempt == 2
+
+    outcome = RecipientOutcome(1, "sent", message_id=7)
+    stale = await db.cycle(old, [outcome], 5)
+    assert stale.status is None
+    assert stale.reserved == []
+    assert not await db.begin_attempt(first, old)
+    assert not await db.release_shot(old, AttemptCounts())
+    assert await db.finish_shot(old, AttemptCounts(), lambda _t: ("sent", None)) is None
+    assert await pool.fetchval("SELECT status::text FROM shots_sent WHERE telegram_id = 1 "
+                               "AND shot_id = $1", shot) == "sending"  # untouched
+    new = Lease(shot, WORKER_A, 2)
+    assert await db.begin_attempt(second, new)  # the live claim turns it into unknown
+    assert await pool.fetchval("SELECT error FROM shots_sent WHERE telegram_id = 1 "
+                               "AND shot_id = $1", shot) == UNKNOWN_OUTCOME
