@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -86,6 +87,9 @@ async def bench(args: argparse.Namespace) -> dict[str, float]:
         "insert_to_first_request_s": round(arrivals[0] - inserted, 3),
         "db_round_trips_per_message": round(trips / len(arrivals), 4) if trips else -1,
         "outcome_writes": flushes,
+        # the largest child of this process: the daemon (the emulator runs in-process)
+        "daemon_max_rss_mib": round(
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
     }
 
 

@@ -165,16 +165,22 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
+# The bucket spaces requests slightly tighter than 1/rate: the event loop's timers fire a
+# little late (millisecond clock), which alone would cost ~2% of the rate, and the window
+# log below, not the bucket, is what guarantees the limit.
+SPACING = 0.97
+
+
 class BotPacer:
     """Paces one bot's requests: never more than `rate` in any 1-second window.
 
-    Two rules, both needed. A leaky bucket of capacity one (aiolimiter, max_rate=1 per 1/rate
-    seconds) spaces requests evenly from the very first, so there is no start-up burst. A
-    log of the last floor(rate) send times then holds a request until the oldest of them is
-    more than a second (plus a small margin for the trip to Telegram) old: the bucket alone
-    lets ceil(rate) through in a second at a fractional rate, and the event loop's
-    millisecond clock can shorten its gaps. `pause` holds every request of the bot until a
-    429's retry_after has passed.
+    Two rules, both needed. A leaky bucket of capacity one (aiolimiter, max_rate=1 per
+    SPACING/rate seconds) spaces requests evenly from the very first, so there is no start-up
+    burst. A log of the last floor(rate) send times then holds a request until the oldest of
+    them is more than a second (plus a small margin for the trip to Telegram) old: that is
+    the guarantee; the bucket alone would let ceil(rate) through in a second at a
+    fractional rate, and the event loop's millisecond clock shortens or stretches its gaps.
+    `pause` holds every request of the bot until a 429's retry_after has passed.
     """
 
     WINDOW = 1.0
@@ -184,7 +190,7 @@ class BotPacer:
                  ) -> None:
         self.rate = rate_per_second
         self._clock = clock
-        self._limiter = AsyncLimiter(1, 1.0 / rate_per_second)
+        self._limiter = AsyncLimiter(1, SPACING / rate_per_second)
         self._sent: deque[float] = deque(maxlen=max(1, math.floor(rate_per_second)))
         self._window_lock = asyncio.Lock()
         self._resume_at = 0.0

@@ -119,7 +119,10 @@ async def test_unknown_bot_and_bad_copy_fail_alone_while_other_shots_are_served(
     ghost = await add_shot(pool, "ghost")
     too_long = await add_shot(pool, "shop", copy="x" * 5000)
     broken_html = await add_shot(pool, "shop", copy="<blink>hi</blink>")
-    good = await add_shot(pool, "shop")
+    good = await add_shot(pool, "shop", scheduled_at=await pool.fetchval(
+        "SELECT now() - interval '3 days'"))  # in the past: sent now
+    future = await add_shot(pool, "shop", scheduled_at=await pool.fetchval(
+        "SELECT now() + interval '30 days'"))  # far future: waits
     cfg = write_config(tmp_path / "c.toml", dsn, emulator.base_url,
                        telegram={"rate_per_second": 200.0})
 
@@ -139,6 +142,8 @@ async def test_unknown_bot_and_bad_copy_fail_alone_while_other_shots_are_served(
     assert {r["status"] for r in html_recipients.values()} == {"pending"}  # for a requeue
     assert (await shot_row(pool, good))["status"] == "sent"
     assert len(emulator.delivered()) == 10
+    future_row = await shot_row(pool, future)
+    assert (future_row["status"], future_row["attempt_count"]) == ("pending", 0)
 
 
 @pytest.mark.asyncio
