@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check daemon tests scripts
+	$(VENV)/bin/ruff check daemon tests scripts bench
 	$(VENV)/bin/mypy --strict daemon
 
 test: lint
