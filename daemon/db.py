@@ -14,6 +14,9 @@ import asyncpg
 
 from daemon.sqlfiles import audience_query, query
 
+# A cycle takes milliseconds; one that hangs (a black-holed connection) is abandoned and
+# retried rather than left to freeze the shot's runner.
+CYCLE_TIMEOUT = 10.0
 UNKNOWN_OUTCOME = ("outcome unknown: the daemon stopped while this request was in flight; "
                    "not resent so the recipient cannot get the shot twice")
 
@@ -171,7 +174,7 @@ class Db:
             query("shot_cycle"), *lease.args,
             [o.telegram_id for o in outcomes], [o.status for o in outcomes],
             [o.error for o in outcomes], [o.message_id for o in outcomes],
-            [o.chat_state for o in outcomes], reserve)
+            [o.chat_state for o in outcomes], reserve, timeout=CYCLE_TIMEOUT)
         assert row is not None  # the statement always returns one row
         return Cycle(row["status"], list(row["reserved"]))
 

@@ -153,6 +153,8 @@ class ShotRunner:
             events = [self.wake] if self.stop.is_set() else [self.wake, self.stop]
             await _wait_any(events, self.interval)
             self.wake.clear()
+            if self.stop.is_set():
+                self.halt.set()  # backoffs and probes end too, so shutdown stays prompt
 
     def _lease_ok(self) -> bool:
         """False once the lease may have expired: then nothing more may be sent."""
@@ -296,14 +298,19 @@ class ShotRunner:
                     return False  # even a half-delivered recipient does not wait out an outage
                 await _wait_any([self.telegram_up, self.halt, self.stop], None)
                 continue
-            acquire = asyncio.ensure_future(self.d.pacer.acquire())
-            halts: list[asyncio.Event | asyncio.Future[None]] = (
-                [] if ignore_halt else [self.halt, self.stop])
-            await _wait_any([acquire, *halts], None)
-            usable = ignore_halt or not self.halted
-            if acquire.done() and self.telegram_up.is_set() and usable:
+            if await self._slot(interruptible=not ignore_halt) and self.telegram_up.is_set():
                 return True
-            acquire.cancel()  # a slot it may have taken is simply not used
+
+    async def _slot(self, interruptible: bool) -> bool:
+        """The bot's next request slot; False if the shot halts first (when interruptible)."""
+        acquire = asyncio.ensure_future(self.d.pacer.acquire())
+        halts: list[asyncio.Event | asyncio.Future[None]] = (
+            [self.halt, self.stop] if interruptible else [])
+        await _wait_any([acquire, *halts], None)
+        if acquire.done() and not (interruptible and self.halted):
+            return True
+        acquire.cancel()  # a slot it may have taken is simply not used
+        return False
 
     def _note_transient(self, tg: asyncio.TaskGroup) -> bool:
         """Counts a transient failure; True when Telegram is (now) considered unreachable."""
@@ -320,7 +327,8 @@ class ShotRunner:
         while not self.halt.is_set():
             if await _sleep_unless(self.halt, delay):
                 break
-            await self.d.pacer.acquire()
+            if not await self._slot(interruptible=True):
+                break
             result = await self.d.api.call(self.d.bot.token, ApiCall("getMe", {}))
             if result.kind is not Kind.TRANSIENT:
                 self.log.info("telegram_reachable", answer=result.code)

@@ -3,6 +3,9 @@ table, asserted on the emulator's request log and the database."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -209,3 +212,28 @@ async def test_shots_of_different_bots_run_at_once_each_at_its_own_rate(
     for shot in (shop, other):
         assert (await shot_row(pool, shot))["sent_count"] == 60
     assert TOKEN in by_token
+
+
+@pytest.mark.asyncio
+async def test_shutdown_during_an_outage_is_prompt_and_loses_nobody(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 101))
+    shot = await add_shot(pool)
+    emulator.outage = BadGateway()
+    proc = await start_shotsd("run", "--config", str(write_config(
+        tmp_path / "c.toml", dsn, emulator.base_url, telegram={"rate_per_second": 50.0})))
+    try:
+        await emulator.wait_for(lambda e: any(r.method == "getMe" for r in e.requests))
+        proc.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        await asyncio.wait_for(proc.communicate(), 10)
+        assert time.monotonic() - stopping < 10
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 0
+    row = await shot_row(pool, shot)
+    assert row["status"] == "pending"  # released, to resume when Telegram is back
+    statuses = Counter(r["status"] for r in (await recipients_of(pool, shot)).values())
+    assert statuses == {"pending": 100}  # nobody burned by the outage
