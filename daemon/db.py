@@ -14,9 +14,12 @@ import asyncpg
 
 from daemon.sqlfiles import audience_query, query
 
-# A cycle takes milliseconds; one that hangs (a black-holed connection) is abandoned and
-# retried rather than left to freeze the shot's runner.
+# Statements take milliseconds; one that hangs (a black-holed connection) is abandoned and
+# retried rather than left to freeze a runner or the daemon's shutdown.
+CONNECT_TIMEOUT = 5.0
+COMMAND_TIMEOUT = 15.0
 CYCLE_TIMEOUT = 10.0
+AUDIENCE_TIMEOUT = 3600.0  # one INSERT … SELECT of a whole (maybe huge) audience
 UNKNOWN_OUTCOME = ("outcome unknown: the daemon stopped while this request was in flight; "
                    "not resent so the recipient cannot get the shot twice")
 
@@ -59,16 +62,18 @@ class Tally:
 
 
 @dataclass(frozen=True)
-class Cycle:
-    status: str | None  # the shot's status; None when the caller no longer holds it
-    reserved: list[int]  # recipients now 'sending', in send order
-
-
-@dataclass(frozen=True)
 class AttemptCounts:
     sent: int = 0
     skipped: int = 0
     error: int = 0
+
+
+@dataclass(frozen=True)
+class Cycle:
+    status: str | None  # the shot's status; None when the caller no longer holds it
+    reserved: list[int]  # recipients now 'sending', in send order
+    written: AttemptCounts  # outcomes this cycle wrote (rows it actually moved)
+    orphans: int = 0  # rows a lost answer had reserved, put back to 'pending'
 
 
 @dataclass(eq=False)  # hashable: asyncpg keeps query loggers in a set
@@ -88,6 +93,7 @@ async def create_pool(dsn: str, size: int, trips: RoundTrips | None = None) -> a
 
     pool = await asyncpg.create_pool(
         dsn, min_size=1, max_size=size, init=init, reset=_keep_session,
+        timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT,
         server_settings={"application_name": "shotsd"})
     assert pool is not None
     return pool
@@ -158,7 +164,8 @@ class Db:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 await conn.execute(
-                    audience_query(shot.target), shot.id, shot.bot_slug, shot.recency_days)
+                    audience_query(shot.target), shot.id, shot.bot_slug, shot.recency_days,
+                    timeout=AUDIENCE_TIMEOUT)
                 total = await conn.fetchval(query("mark_audience_selected"), *lease.args)
                 if total is None:
                     raise _FencedOut  # roll the INSERT back
@@ -166,17 +173,20 @@ class Db:
         except _FencedOut:
             return None
 
-    async def cycle(self, lease: Lease, outcomes: Sequence[RecipientOutcome],
-                    reserve: int) -> Cycle:
+    async def cycle(self, lease: Lease, outcomes: Sequence[RecipientOutcome], reserve: int,
+                    reconcile: Sequence[int] | None = None) -> Cycle:
         """Writes outcomes, contact states, counters and the lease, and reserves up to
-        `reserve` more recipients, in one round trip (sql: shot_cycle)."""
+        `reserve` more recipients, in one round trip (sql: shot_cycle). After a failed
+        cycle, `reconcile` (the runner's in-flight recipients) frees rows it never saw."""
         row = await self.pool.fetchrow(
             query("shot_cycle"), *lease.args,
             [o.telegram_id for o in outcomes], [o.status for o in outcomes],
             [o.error for o in outcomes], [o.message_id for o in outcomes],
-            [o.chat_state for o in outcomes], reserve, timeout=CYCLE_TIMEOUT)
+            [o.chat_state for o in outcomes], reserve,
+            None if reconcile is None else list(reconcile), timeout=CYCLE_TIMEOUT)
         assert row is not None  # the statement always returns one row
-        return Cycle(row["status"], list(row["reserved"]))
+        written = AttemptCounts(row["sent"], row["skipped"], row["error"])
+        return Cycle(row["status"], list(row["reserved"]), written, row["orphans"])
 
     async def reset_stale(self, stale_after: float, max_attempts: int) -> list[tuple[int, str]]:
         """Hands back shots whose lease expired; returns (shot id, new status) pairs."""

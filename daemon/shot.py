@@ -37,6 +37,8 @@ from daemon.telegram import (
 
 # The cycle runs at least this often (and at least every worker.heartbeat_interval).
 CYCLE_INTERVAL = 1.0
+# On shutdown, outcomes are written for at most this long if the database does not answer.
+STOP_GRACE = 3.0
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 30.0
 # This many transient failures in a row, with no answer in between, mean Telegram is
@@ -86,7 +88,8 @@ def _summary(tally: Tally) -> str:
 class _State:
     outcomes: list[RecipientOutcome] = field(default_factory=list)  # not yet written
     counts: Counter[str] = field(default_factory=Counter)  # written by this attempt
-    reserved: int = 0  # 'sending' recipients whose outcome is not yet written
+    in_flight: set[int] = field(default_factory=set)  # reserved, outcome not yet written
+    cycle_failed: bool = False  # the last cycle's answer was lost: reconcile next time
     waiting: int = 0  # reserved recipients whose first request has not started
     exhausted: bool = False  # no pending recipient left to reserve
     fatal: str | None = None  # the shot itself was refused
@@ -108,6 +111,7 @@ class ShotRunner:
         self.telegram_up = asyncio.Event()
         self.telegram_up.set()
         self._failures_in_a_row = 0
+        self._stop_seen_at: float | None = None
         w = delivery.worker
         self.interval = min(CYCLE_INTERVAL, w.heartbeat_interval)
         # Renewed leases are trusted for stale_after minus a heartbeat: sending stops before
@@ -148,7 +152,7 @@ class ShotRunner:
             await self._cycle(tg)
             self._lease_ok()
             s = self.state
-            if s.reserved == 0 and (s.exhausted or self.halted):
+            if not s.in_flight and (s.exhausted or self.halted):
                 return
             events = [self.wake] if self.stop.is_set() else [self.wake, self.stop]
             await _wait_any(events, self.interval)
@@ -165,26 +169,27 @@ class ShotRunner:
     async def _cycle(self, tg: asyncio.TaskGroup) -> None:
         s = self.state
         batch = s.outcomes
-        free = self.d.worker.concurrency - (s.reserved - len(batch))
+        free = self.d.worker.concurrency - (len(s.in_flight) - len(batch))
         want = 0 if self.halted or s.exhausted else min(self.d.worker.batch_size, free)
+        reconcile = sorted(s.in_flight) if s.cycle_failed else None
         started = self.d.clock()
         try:
             s.outcomes = []
-            result = await self.d.db.cycle(self.lease, batch, want)
+            result = await self.d.db.cycle(self.lease, batch, want, reconcile)
         except DB_ERRORS as exc:
-            if s.lost:  # the lease has lapsed: the next holder reports these as unknown
-                s.reserved -= len(batch)
-                self.log.error("outcomes_dropped", error=str(exc), dropped=len(batch))
-                return
             s.outcomes = batch + s.outcomes  # kept for the next cycle
-            self.log.warning("shot_cycle_failed", error=str(exc), unwritten=len(s.outcomes))
+            s.cycle_failed = True
+            self._cycle_failed(exc)
             return
-        s.reserved -= len(batch)
+        s.cycle_failed = False
+        s.in_flight.difference_update(o.telegram_id for o in batch)
         if result.status is None:
             self._lose("another daemon holds the shot now")
             return
         self.lease_renewed_at = started
-        self._account(batch)
+        self._account(batch, result.written)
+        if result.orphans:
+            self.log.warning("orphans_released", count=result.orphans)
         if result.status == "cancelled":
             s.cancelled = True
             self.halt.set()
@@ -192,18 +197,39 @@ class ShotRunner:
             self._lose(f"an operator set the shot to {result.status} while it ran")
         if len(result.reserved) < want:
             s.exhausted = True
-        s.reserved += len(result.reserved)
+        s.in_flight.update(result.reserved)
         s.waiting += len(result.reserved)
         for telegram_id in result.reserved:
             tg.create_task(self._deliver(tg, telegram_id))
 
-    def _account(self, batch: list[RecipientOutcome]) -> None:
+    def _cycle_failed(self, exc: BaseException) -> None:
+        """Outcomes stay buffered for the next cycle. Once the lease has lapsed, or the
+        daemon is stopping and the database has not answered for STOP_GRACE, they are
+        dropped: the next holder reports those recipients as 'outcome unknown'."""
+        s = self.state
+        if self.stop.is_set() and self._stop_seen_at is None:
+            self._stop_seen_at = self.d.clock()
+        stopping_too_long = (self._stop_seen_at is not None
+                             and self.d.clock() - self._stop_seen_at > STOP_GRACE)
+        if stopping_too_long:
+            self._lose("database unreachable while stopping")
+        if s.lost:
+            dropped = list(s.outcomes)
+            s.outcomes = []
+            s.in_flight.difference_update(o.telegram_id for o in dropped)
+            self.log.error("outcomes_dropped", error=str(exc), dropped=len(dropped))
+            return
+        self.log.warning("shot_cycle_failed", error=str(exc), unwritten=len(s.outcomes))
+
+    def _account(self, batch: list[RecipientOutcome], written: AttemptCounts) -> None:
+        """Counts what the database says it wrote (a batch re-sent after a lost answer is
+        not counted twice)."""
         if not batch:
             return
-        written = Counter(o.status for o in batch)
-        self.state.counts.update(written)
-        self.log.info("batch_sent", sent=written["sent"], skipped=written["skipped"],
-                      error=written["error"], not_sent=written["pending"])
+        self.state.counts.update(vars(written))
+        self.log.info("batch_sent", sent=written.sent, skipped=written.skipped,
+                      error=written.error,
+                      not_sent=sum(1 for o in batch if o.status == "pending"))
 
     def _lose(self, reason: str) -> None:
         if not self.state.lost:
@@ -225,8 +251,8 @@ class ShotRunner:
         """Runs the cycle early when a batch is full, every reserved recipient is back, or
         the senders are about to run dry and a cycle could reserve a worthwhile batch."""
         s = self.state
-        all_back = bool(s.outcomes) and s.reserved == len(s.outcomes)
-        room = self.d.worker.concurrency - (s.reserved - len(s.outcomes))
+        all_back = bool(s.outcomes) and len(s.in_flight) == len(s.outcomes)
+        room = self.d.worker.concurrency - (len(s.in_flight) - len(s.outcomes))
         refill = (not s.exhausted and not self.halted and s.waiting <= self.low_water
                   and room >= self.low_water)
         if all_back or refill or len(s.outcomes) >= self.d.worker.batch_size:
@@ -238,42 +264,47 @@ class ShotRunner:
         """Delivers to one recipient and buffers its outcome; never raises for Telegram."""
         message_id: int | None = None
         outcome: RecipientOutcome | None = None
-        committed = False  # a part already reached the chat: finish, never leave it pending
+        committed = False  # a part already reached the chat: never retried as a whole
         for call in calls_for(self.content, telegram_id):
-            result = await self._call(tg, call, committed)
+            result = await self._call(tg, call, first=not committed)
             if result is None:
-                outcome = RecipientOutcome(telegram_id, "pending")  # never sent
-                break
-            if result.kind is not Kind.SENT:
-                outcome = self._failure(telegram_id, result, call.method, committed)
-                break
-            committed = True
-            message_id = result.message_id
-        if outcome is not None and committed and outcome.status == "pending":
-            outcome = RecipientOutcome(telegram_id, "error",
-                                       f"{PARTIAL}: the rest was not sent, the shot stopped")
+                outcome = RecipientOutcome(telegram_id, "pending")  # this part never went out
+            elif result.kind is not Kind.SENT:
+                outcome = self._failure(telegram_id, result, call.method)
+            else:
+                committed = True
+                message_id = result.message_id
+                continue
+            break
+        if committed and outcome is not None:
+            # Part of the shot reached the chat: an error that a requeue will not retry.
+            why = outcome.error or "the shot stopped before the rest was sent"
+            outcome = RecipientOutcome(telegram_id, "error", f"{PARTIAL}: {why}",
+                                       chat_state=outcome.chat_state)
         self._buffer(outcome or RecipientOutcome(telegram_id, "sent", message_id=message_id))
 
-    async def _call(self, tg: asyncio.TaskGroup, call: ApiCall, committed: bool) -> Result | None:
+    async def _call(self, tg: asyncio.TaskGroup, call: ApiCall, first: bool) -> Result | None:
         """One request with pacing, 429 pauses, outage probing and transient retries.
         Returns None when the shot halted before the request went out."""
         retries = 0
-        first = not committed
         while True:
-            if not await self._paced(ignore_halt=committed):
-                self._started(first)
-                return None
+            go = await self._paced()
             self._started(first)
             first = False
+            if not go:
+                return None
             result = await self.d.api.call(self.d.bot.token, call)
             if result.kind is Kind.RETRY_AFTER:
                 self.d.pacer.pause(result.retry_after)
                 self.log.warning("bot_rate_limited", retry_after=result.retry_after)
                 continue
-            if result.kind is not Kind.TRANSIENT:
+            if result.kind not in (Kind.TRANSIENT, Kind.UNKNOWN):
                 self._failures_in_a_row = 0
                 return result
-            if self._note_transient(tg):
+            down = self._note_transient(tg)
+            if result.kind is Kind.UNKNOWN:
+                return result  # it may have been delivered: never sent again
+            if down:
                 continue  # Telegram is down: this failure is the outage's, not the recipient's
             retries += 1
             if retries > self.d.telegram.max_retries:
@@ -287,27 +318,24 @@ class ShotRunner:
             self.state.waiting -= 1
             self._maybe_wake()
 
-    async def _paced(self, ignore_halt: bool) -> bool:
+    async def _paced(self) -> bool:
         """Waits until Telegram is reachable and the bot's next slot; False if the shot halts
-        meanwhile, so a stopping shot does not trickle out queued requests."""
+        (or its lease lapses) meanwhile, so a stopping shot sends nothing more."""
         while True:
-            if not ignore_halt and (self.halted or not self._lease_ok()):
+            if self.halted or not self._lease_ok():
                 return False
             if not self.telegram_up.is_set():
-                if self.halted:
-                    return False  # even a half-delivered recipient does not wait out an outage
                 await _wait_any([self.telegram_up, self.halt, self.stop], None)
                 continue
-            if await self._slot(interruptible=not ignore_halt) and self.telegram_up.is_set():
-                return True
+            if await self._slot() and self.telegram_up.is_set():
+                # a long 429 pause may have outlived the lease: check once more
+                return not self.halted and self._lease_ok()
 
-    async def _slot(self, interruptible: bool) -> bool:
-        """The bot's next request slot; False if the shot halts first (when interruptible)."""
+    async def _slot(self) -> bool:
+        """The bot's next request slot; False if the shot halts first."""
         acquire = asyncio.ensure_future(self.d.pacer.acquire())
-        halts: list[asyncio.Event | asyncio.Future[None]] = (
-            [self.halt, self.stop] if interruptible else [])
-        await _wait_any([acquire, *halts], None)
-        if acquire.done() and not (interruptible and self.halted):
+        await _wait_any([acquire, self.halt, self.stop], None)
+        if acquire.done() and not self.halted:
             return True
         acquire.cancel()  # a slot it may have taken is simply not used
         return False
@@ -327,7 +355,7 @@ class ShotRunner:
         while not self.halt.is_set():
             if await _sleep_unless(self.halt, delay):
                 break
-            if not await self._slot(interruptible=True):
+            if not await self._slot():
                 break
             result = await self.d.api.call(self.d.bot.token, ApiCall("getMe", {}))
             if result.kind is not Kind.TRANSIENT:
@@ -337,12 +365,7 @@ class ShotRunner:
         self._failures_in_a_row = 0
         self.telegram_up.set()
 
-    def _failure(self, telegram_id: int, result: Result, method: str,
-                 committed: bool) -> RecipientOutcome:
-        if committed:
-            # Part of the shot reached the chat: never tried again, or it would get it twice.
-            return RecipientOutcome(telegram_id, "error",
-                                    f"{PARTIAL}: {method} failed: {result.description}")
+    def _failure(self, telegram_id: int, result: Result, method: str) -> RecipientOutcome:
         if result.kind is Kind.SKIPPED:
             return RecipientOutcome(telegram_id, "skipped", result.description,
                                     chat_state=result.chat_state)
@@ -353,6 +376,9 @@ class ShotRunner:
             self._halt_shot(f"bot token for '{self.shot.bot_slug}' rejected by Telegram "
                             f"({result.description})")
             return RecipientOutcome(telegram_id, "pending")
+        if result.kind is Kind.UNKNOWN:
+            return RecipientOutcome(telegram_id, "error", f"outcome unknown: {result.description}"
+                                    "; not resent so it cannot arrive twice")
         return RecipientOutcome(telegram_id, "error", result.description)
 
     # --- the end -----------------------------------------------------------------------

@@ -58,7 +58,8 @@ class Kind(enum.Enum):
     SKIPPED = "skipped"  # the recipient cannot receive it; not an error of ours
     FAILED = "failed"  # this recipient failed for good
     RETRY_AFTER = "retry_after"  # 429: the whole bot must pause
-    TRANSIENT = "transient"  # 5xx, timeout, network: try again later
+    TRANSIENT = "transient"  # 5xx, or the request never left: try again later
+    UNKNOWN = "unknown"  # sent, but no answer (timeout, dropped connection): never resend
     SHOT_FATAL = "shot_fatal"  # the shot itself is wrong; stop it
     TOKEN_REJECTED = "token_rejected"  # noqa: S105 - 401/404: the bot token is refused
 
@@ -184,7 +185,7 @@ class BotPacer:
     """
 
     WINDOW = 1.0
-    MARGIN = 0.005  # seconds: jitter between our clock and the request reaching Telegram
+    MARGIN = 0.03  # seconds: jitter between our clock and the request reaching Telegram
 
     def __init__(self, rate_per_second: float, clock: Callable[[], float] = time.monotonic
                  ) -> None:
@@ -227,7 +228,9 @@ class BotApi:
     def __init__(self, session: aiohttp.ClientSession, api_base: str, timeout: float) -> None:
         self._session = session
         self._api_base = api_base.rstrip("/")
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # A separate connect timeout tells "never reached Telegram" (safe to retry) from
+        # "sent, no answer" (maybe delivered: must not be resent).
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
 
     async def call(self, token: Secret, call: ApiCall) -> Result:
         url = f"{self._api_base}/bot{token.reveal()}/{call.method}"
@@ -238,13 +241,19 @@ class BotApi:
                 except ValueError:
                     body = None
                 return classify(resp.status, body)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # The request never left: retrying cannot deliver it twice.
+            detail = redact(_client_error_detail(exc), [token.reveal()])
+            return Result(Kind.TRANSIENT, f"cannot connect to Telegram: {detail}",
+                          code="network")
         except TimeoutError:
-            return Result(Kind.TRANSIENT, f"no answer within {self._timeout.total:g} s",
+            return Result(Kind.UNKNOWN, f"no answer within {self._timeout.total:g} s",
                           code="timeout")
         except aiohttp.ClientError as exc:
             # str(exc) may carry the URL, and with it the token: describe by type only.
             detail = redact(_client_error_detail(exc), [token.reveal()])
-            return Result(Kind.TRANSIENT, f"network error: {detail}", code="network")
+            return Result(Kind.UNKNOWN, f"connection lost before an answer: {detail}",
+                          code="network")
 
 
 def _client_error_detail(exc: aiohttp.ClientError) -> str:

@@ -100,7 +100,9 @@ RETURNING audience_total;
 -- Always returns one row: status NULL means the shot is no longer ours.
 -- $1 shot_id, $2 worker_id, $3 attempt, $4 telegram_ids bigint[], $5 statuses text[],
 -- $6 errors text[], $7 message_ids bigint[], $8 chat_states text[] (NULL = leave the
--- contact alone), $9 how many recipients to reserve
+-- contact alone), $9 how many recipients to reserve, $10 the runner's in-flight recipients
+-- (bigint[]) when an earlier cycle failed, else NULL: a cycle that committed but whose
+-- answer was lost reserved rows the runner never heard of; they go back to 'pending'.
 WITH fence AS (
     SELECT id, bot_slug, status FROM shots_queue
     WHERE id = $1::bigint AND worker_id = $2::text AND attempt_count = $3::int
@@ -125,6 +127,14 @@ WITH fence AS (
     FROM input, fence
     WHERE input.chat_state IS NOT NULL
       AND c.bot_slug = fence.bot_slug AND c.telegram_id = input.telegram_id
+    RETURNING 1
+), orphans AS (
+    -- Only this claim can have 'sending' rows here: lock_claim turned older ones unknown.
+    UPDATE shots_sent s
+    SET status = 'pending'
+    FROM fence
+    WHERE $10::bigint[] IS NOT NULL AND s.shot_id = fence.id AND s.status = 'sending'
+      AND s.telegram_id <> ALL($10::bigint[])
     RETURNING 1
 ), next_batch AS (
     -- Reads the statement's snapshot, so rows `written` turns back to 'pending' (a halted
@@ -154,7 +164,10 @@ WITH fence AS (
 SELECT (SELECT status::text FROM shot) AS status,
        (SELECT coalesce(array_agg(telegram_id ORDER BY position), '{}') FROM reserved)
            AS reserved,
-       (SELECT count(*) FROM written) AS written;
+       (SELECT count(*) FROM written WHERE status = 'sent') AS sent,
+       (SELECT count(*) FROM written WHERE status = 'skipped') AS skipped,
+       (SELECT count(*) FROM written WHERE status = 'error') AS error,
+       (SELECT count(*) FROM orphans) AS orphans;
 
 -- name: reset_stale_shots
 -- Any daemon hands back shots whose holder stopped renewing its lease: to 'pending' to be
