@@ -222,7 +222,10 @@ class Db:
             return released is not None
 
     async def fail_unclaimable(self, lease: Lease, reason: str) -> bool:
-        """Ends a claimed shot with `error` before any recipient is touched."""
+        """Ends a claimed shot with `error` before any recipient is touched (its attempt row
+        is written too: one row per claim)."""
+        await self.pool.execute(query("insert_attempt"), lease.shot_id, lease.attempt,
+                                lease.worker_id)
         status = await self.finish_shot(
             lease, AttemptCounts(), lambda _tally: ("error", reason))
         return status is not None

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import html
 import math
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,11 +19,11 @@ import aiohttp
 from aiolimiter import AsyncLimiter
 
 from daemon.config import Secret
+from daemon.telegram_html import parse_html
 
 MAX_TEXT = 4096
 MAX_CAPTION = 1024
 
-_TAG = re.compile(r"<[^>]*>")
 # 400 answers that are about the shot's content, not the recipient: every recipient would
 # get the same answer, so the shot stops at once instead of burning its audience.
 _SHOT_LEVEL_400 = (
@@ -90,16 +88,24 @@ class Content:
 
 
 def text_length(copy: str) -> int:
-    """Characters Telegram counts for an HTML text: tags removed, entities decoded."""
-    return len(html.unescape(_TAG.sub("", copy)))
+    """Characters Telegram counts for an HTML text: tags removed, entities decoded, ends
+    trimmed. A copy Telegram cannot parse counts its raw length (content_problem says why)."""
+    try:
+        return len(parse_html(copy).strip())
+    except ValueError:
+        return len(copy)
 
 
 def content_problem(content: Content) -> str | None:
-    """Why this content can never be sent (checked before anyone is sent anything)."""
-    length = text_length(content.copy)
-    if length > MAX_TEXT:
-        return f"copy is {length} characters of text; Telegram allows at most {MAX_TEXT}"
-    if length == 0:
+    """Why Telegram would refuse this content for every recipient; checked before anyone is
+    sent anything, so a broken shot fails whole instead of recipient by recipient."""
+    try:
+        text = parse_html(content.copy).strip()
+    except ValueError as exc:
+        return f"copy is not valid Telegram HTML: {exc}"
+    if len(text) > MAX_TEXT:
+        return f"copy is {len(text)} characters of text; Telegram allows at most {MAX_TEXT}"
+    if not text:
         return "copy has no visible text once its HTML tags are removed"
     return None
 

@@ -21,7 +21,6 @@ import asyncio
 import bisect
 import json
 import signal
-import string
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -31,6 +30,8 @@ from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 from aiohttp import web
+
+from daemon.telegram_html import parse_html
 
 
 @dataclass(frozen=True)
@@ -135,132 +136,6 @@ class Refusal(Exception):
         return body
 
 
-# --- parse_mode=HTML: a port of tdlib's parse_html (td/telegram/MessageEntity.cpp) ----------
-# Ported rather than approximated so that the error texts and byte offsets match Telegram's.
-_TAGS = frozenset(("a", "b", "strong", "i", "em", "s", "strike", "del", "u", "ins", "tg-spoiler",
-                   "tg-emoji", "span", "pre", "code", "blockquote"))
-_SPACE = frozenset(b" \t\r\n\v\f\0")  # tdlib's is_space; the NUL sentinel ends every scan
-_ALNUM = frozenset((string.ascii_letters + string.digits).encode())
-_HEX, _DEC = frozenset(string.hexdigits.encode()), frozenset(string.digits.encode())
-_NAMED = {b"lt": "<", b"gt": ">", b"amp": "&", b"quot": '"'}
-
-
-def _html_entity(s: bytes, pos: int) -> tuple[str, int] | None:
-    """Decode the entity at s[pos] == '&'; None keeps the '&' literal, as Telegram does."""
-    end = pos + 1
-    if s[end] == ord("#"):  # &#NNN; or &#xHHH;
-        is_hex = s[end + 1] == ord("x")
-        end += 1 + is_hex
-        start, digits = end, _HEX if is_hex else _DEC
-        while s[end] in digits:
-            end += 1
-        if end == start or end - pos >= 10:
-            return None
-        code = int(s[start:end], 16 if is_hex else 10)
-        if code == 0 or code >= 0x10FFFF:
-            return None
-        if 0xD800 <= code <= 0xDFFF:
-            raise ValueError("Text contains invalid Unicode characters after decoding HTML "
-                             "entities, check for unmatched surrogate code units")
-        char = chr(code)
-    else:
-        while chr(s[end]) in string.ascii_letters:
-            end += 1
-        if (named := _NAMED.get(s[pos + 1:end])) is None:
-            return None
-        char = named
-    return char, end + (s[end] == ord(";"))
-
-
-def parse_html(text: str) -> str:
-    """Return the text Telegram keeps; raise ValueError(detail) where Telegram refuses it."""
-    s, out, stack, i = text.encode(errors="surrogatepass") + b"\0", bytearray(), [], 0
-    n = len(s) - 1
-    while i < n:
-        if s[i] == ord("&") and (entity := _html_entity(s, i)):
-            out += entity[0].encode()
-            i = entity[1]
-            continue
-        if s[i] != ord("<"):
-            out.append(s[i])
-            i += 1
-            continue
-        begin, i = i, i + 1
-        if s[i] != ord("/"):  # a start tag
-            while s[i] not in _SPACE and s[i] != ord(">"):
-                i += 1
-            if s[i] == 0:
-                raise ValueError(f"Unclosed start tag at byte offset {begin}")
-            tag = s[begin + 1:i].decode(errors="replace").lower()
-            if tag not in _TAGS:
-                raise ValueError(f'Unsupported start tag "{tag}" at byte offset {begin}')
-            span_class = b""
-            while s[i] != ord(">"):
-                while s[i] != 0 and s[i] in _SPACE:
-                    i += 1
-                if s[i] == ord(">"):
-                    break
-                name_begin = i
-                while s[i] not in _SPACE and s[i] not in b"=>/\"'":
-                    i += 1
-                name = s[name_begin:i]
-                if not name:
-                    raise ValueError(f'Empty attribute name in the tag "{tag}" at byte offset '
-                                     f"{begin}")
-                while s[i] != 0 and s[i] in _SPACE:
-                    i += 1
-                if s[i] != ord("="):  # a valueless attribute, e.g. <blockquote expandable>
-                    if s[i] == 0:
-                        raise ValueError(f'Unclosed start tag "{tag}" at byte offset {begin}')
-                    continue
-                i += 1
-                while s[i] != 0 and s[i] in _SPACE:
-                    i += 1
-                if s[i] == 0:
-                    raise ValueError(f'Unclosed start tag "{tag}" at byte offset {begin}')
-                if s[i] not in b"'\"":  # a bare name token
-                    token_begin = i
-                    while s[i] in _ALNUM or s[i] in b".-":
-                        i += 1
-                    value = s[token_begin:i].lower()
-                    if s[i] not in _SPACE and s[i] != ord(">"):
-                        raise ValueError(f"Unexpected end of name token at byte offset "
-                                         f"{token_begin}")
-                else:  # a quoted string, in which entities are decoded too
-                    quote, value, i = s[i], b"", i + 1
-                    while s[i] != quote and s[i] != 0:
-                        if s[i] == ord("&") and (entity := _html_entity(s, i)):
-                            value, i = value + entity[0].encode(), entity[1]
-                        else:
-                            value, i = value + s[i:i + 1], i + 1
-                    i += s[i] == quote
-                if s[i] == 0:
-                    raise ValueError(f"Unclosed start tag at byte offset {begin}")
-                if tag == "span" and name == b"class":
-                    span_class = value
-            if tag == "span" and span_class != b"tg-spoiler":
-                raise ValueError(f'Tag "span" must have class "tg-spoiler" at byte offset {begin}')
-            stack.append(tag)
-        else:  # an end tag
-            if not stack:
-                raise ValueError(f"Unexpected end tag at byte offset {begin}")
-            while s[i] not in _SPACE and s[i] != ord(">"):
-                i += 1
-            end_tag = s[begin + 2:i].decode(errors="replace").lower()
-            while s[i] != 0 and s[i] in _SPACE:
-                i += 1
-            if s[i] != ord(">"):
-                raise ValueError(f"Unclosed end tag at byte offset {begin}")
-            if end_tag and end_tag != stack[-1]:
-                raise ValueError(f'Unmatched end tag at byte offset {begin}, expected '
-                                 f'"</{stack[-1]}>", found "</{end_tag}>"')
-            stack.pop()
-        i += 1  # past the '>'
-    if stack:
-        raise ValueError(f'Can\'t find end tag corresponding to start tag "{stack[-1]}"')
-    return out.decode(errors="replace")
-
-
 def _formatted(text: str, parse_mode: str) -> str:
     mode = parse_mode.lower()
     if not text or mode in ("", "none", "markdown", "markdownv2"):  # Markdown is not checked
@@ -355,6 +230,9 @@ class BotApiEmulator:
         # When set, every request of every method answers this way (Telegram or the network
         # down); set back to None to recover.
         self.outage: Behaviour | None = None
+        # Per method (lower case, e.g. "sendmessage"): how every valid request of it answers,
+        # whatever the chat (a refusal that is about the message, not the recipient).
+        self.method_behaviour: dict[str, Behaviour] = {}
         self._tokens = set(tokens)
         self._scripts: dict[int, list[Behaviour]] = {}
         self._message_ids: dict[tuple[str, int], int] = {}
@@ -483,6 +361,8 @@ class BotApiEmulator:
             text, _ = _validate(kind, payload)
         except Refusal as invalid:
             return invalid.status, invalid.body(), 0.0
+        if (forced := self.method_behaviour.get(method.lower())) is not None:
+            return self._misbehave(forced)
         behaviour, delay = ChatNotFound() if chat_id is None else self._behaviour(chat_id), 0.0
         while isinstance(behaviour, Slow):
             delay += behaviour.seconds

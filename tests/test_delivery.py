@@ -241,3 +241,64 @@ async def test_shutdown_during_an_outage_is_prompt_and_loses_nobody(
     assert row["status"] == "pending"  # released, to resume when Telegram is back
     statuses = Counter(r["status"] for r in (await recipients_of(pool, shot)).values())
     assert statuses == {"pending": 100}  # nobody burned by the outage
+
+
+@pytest.mark.asyncio
+async def test_a_refused_second_part_halts_the_shot_and_partial_recipients_are_never_retried(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 41))
+    shot = await add_shot(pool, copy="Listen", media_type="audio", media_url=URL + ".mp3")
+    # the audio goes out, then Telegram refuses the copy's message for everyone
+    emulator.method_behaviour["sendmessage"] = ServerError(
+        400, "Bad Request: wrong type of the web page content")
+    cfg = write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                       telegram={"rate_per_second": 40.0}, worker={"concurrency": 10})
+    await run_idle(cfg)
+
+    row = await shot_row(pool, shot)
+    assert row["status"] == "error"
+    assert "wrong type of the web page content" in row["last_error"]
+    recipients = await recipients_of(pool, shot)
+    partial = {t for t, r in recipients.items() if r["status"] == "error"}
+    assert all(recipients[t]["error"].startswith("partially delivered") for t in partial)
+    assert 1 <= len(partial) <= 10  # at most the in-flight window, not the audience
+    assert {r["status"] for t, r in recipients.items() if t not in partial} == {"pending"}
+
+    emulator.method_behaviour.clear()
+    await pool.execute("UPDATE shots_queue SET status = 'pending' WHERE id = $1", shot)
+    await run_idle(cfg)
+    audio_to = Counter(r.chat_id for r in emulator.requests if r.method == "sendAudio")
+    assert set(audio_to) == set(range(1, 41))
+    assert max(audio_to.values()) == 1  # a partial recipient never gets the audio again
+    assert (await shot_row(pool, shot))["sent_count"] == 40 - len(partial)
+
+
+@pytest.mark.asyncio
+async def test_a_media_url_telegram_cannot_fetch_stops_the_shot(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 21))
+    shot = await add_shot(pool, copy="look", media_type="photo",
+                          media_url="https://unreachable.example/p.jpg")
+    await run_idle(write_config(tmp_path / "c.toml", dsn, emulator.base_url))
+    row = await shot_row(pool, shot)
+    assert row["status"] == "error"
+    assert row["last_error"].startswith(
+        "Telegram refused the shot's sendPhoto: Bad Request: failed to get HTTP URL content")
+    assert {r["status"] for r in (await recipients_of(pool, shot)).values()} == {"pending"}
+    assert len(emulator.requests) <= 3
+
+
+@pytest.mark.asyncio
+async def test_slow_telegram_never_pushes_a_window_over_the_rate(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    """Default settings, 1 s answers: many requests in flight, the limit still holds."""
+    await add_contacts(pool, "shop", range(1, 151))
+    shot = await add_shot(pool)
+    emulator.latency = 1.0
+    await run_idle(write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                                telegram={"request_timeout": 15.0}))
+    assert emulator.max_in_window(TOKEN) <= 25
+    assert (await shot_row(pool, shot))["sent_count"] == 150

@@ -182,3 +182,25 @@ def test_answers_that_are_not_the_bot_api_are_judged_by_status(status: int, kind
     result = classify(status, None)
     assert result.kind is kind
     assert f"HTTP {status} without a Bot API answer" in result.description
+
+
+@pytest.mark.parametrize(
+    ("copy", "problem"),
+    [
+        ("Hi<br>there", 'copy is not valid Telegram HTML: Unsupported start tag "br" at byte '
+                        "offset 2"),
+        ("<b>bold", 'copy is not valid Telegram HTML: Can\'t find end tag corresponding to '
+                    'start tag "b"'),
+        ("<b>a</i>", "copy is not valid Telegram HTML: Unmatched end tag at byte offset 4, "
+                     'expected "</b>", found "</i>"'),
+        ("   ", "copy has no visible text once its HTML tags are removed"),
+    ],
+)
+def test_copies_telegram_would_refuse_are_caught_before_sending(copy: str, problem: str) -> None:
+    assert content_problem(Content(copy)) == problem
+
+
+def test_valid_telegram_html_passes() -> None:
+    copy = ('<b>Hi</b> <a href="https://x.test/?a=1&amp;b=2">link</a> <tg-spoiler>s</tg-spoiler> '
+            '<span class="tg-spoiler">t</span> <blockquote expandable>q</blockquote> 5 &lt; 6')
+    assert content_problem(Content(copy)) is None
