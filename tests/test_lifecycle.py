@@ -23,6 +23,7 @@ from tests.conftest import (
     wait_until,
     write_config,
 )
+from tests.tcpproxy import TcpProxy
 
 LEASE = {"heartbeat_interval": 0.3, "stale_after": 1.5}
 
@@ -136,3 +137,41 @@ async def test_a_frozen_daemons_shot_is_taken_over_and_the_stale_holder_is_fence
     final = "error" if unknown else "sent"
     assert [a["outcome"] for a in attempts] == ["reset", final]
     assert (await shot_row(pool, shot))["status"] == final
+
+
+@pytest.mark.asyncio
+async def test_a_database_outage_stops_sending_before_the_lease_expires_then_resumes(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    await add_contacts(pool, "shop", range(1, 301))
+    shot = await add_shot(pool)
+    emulator.latency = 0.05
+    lease = {"heartbeat_interval": 0.5, "stale_after": 3.0, "poll_interval": 0.5}
+    async with TcpProxy(dsn) as proxy:
+        cfg = write_config(tmp_path / "c.toml", proxy.dsn, emulator.base_url,
+                           telegram={"rate_per_second": 50.0}, worker=lease)
+        proc = await start_shotsd("run", "--exit-when-idle", "--config", str(cfg))
+        try:
+            await emulator.wait_for(lambda e: len(e.delivered()) >= 40)
+            proxy.cut()
+            cut_at = time.monotonic()
+            await asyncio.sleep(lease["stale_after"] + 1.0)  # the outage lasts past the lease
+            sent_in_outage = [r.at - cut_at for r in emulator.requests if r.at > cut_at]
+            proxy.restore()
+            out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+    assert proc.returncode == 0  # the daemon rode the outage out
+    # it stopped sending before its lease could expire and another daemon take over
+    assert max(sent_in_outage, default=0.0) < lease["stale_after"]
+    assert b"shot_cycle_failed" in out
+    assert b"stale_shot_reset" in out
+    recipients = await recipients_of(pool, shot)
+    assert {r["status"] for r in recipients.values()} <= {"sent", "error"}
+    unknown = [r for r in recipients.values() if r["status"] == "error"]
+    assert all(r["error"].startswith("outcome unknown") for r in unknown)
+    assert len(unknown) <= 50  # at most the in-flight window
+    per_chat = Counter(r.chat_id for r in emulator.requests)
+    assert max(per_chat.values()) == 1  # nobody received the shot twice
+    assert set(per_chat) | {r["telegram_id"] for r in unknown} == set(range(1, 301))

@@ -7,7 +7,9 @@ import asyncio
 import asyncpg
 import pytest
 
+from daemon.config import WorkerConfig
 from daemon.db import UNKNOWN_OUTCOME, AttemptCounts, Db, Lease, RecipientOutcome
+from daemon.picker import Picker
 from tests.conftest import add_contacts, add_shot
 
 WORKER_A, WORKER_B = "host-a:1:aaaa", "host-b:2:bbbb"
@@ -247,3 +249,15 @@ async def test_a_stale_claim_cannot_write_after_a_newer_claim(pool: asyncpg.Pool
     assert await db.begin_attempt(second, new)  # the live claim turns it into unknown
     assert await pool.fetchval("SELECT error FROM shots_sent WHERE telegram_id = 1 "
                                "AND shot_id = $1", shot) == UNKNOWN_OUTCOME
+
+
+@pytest.mark.asyncio
+async def test_the_picker_claims_up_to_max_running_shots_one_per_bot(pool: asyncpg.Pool) -> None:
+    for bot in ("a", "b", "c", "a"):
+        await add_shot(pool, bot)
+    picker = Picker(Db(pool), WORKER_A, WorkerConfig(max_running_shots=2))
+    first = await picker.claim_due(running=[])
+    assert [s.bot_slug for s in first] == ["a", "b"]
+    assert await picker.claim_due(running=[s.id for s in first]) == []  # at the cap
+    third = await picker.claim_due(running=[first[0].id])  # one slot free: bot c, not a again
+    assert [s.bot_slug for s in third] == ["c"]
