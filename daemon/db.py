@@ -234,6 +234,19 @@ class Db:
         value: float | None = await self.pool.fetchval(query("seconds_to_next_due"))
         return value
 
+    async def due_stats(self) -> tuple[int, float]:
+        """How many pending shots are due, and how long the oldest has waited (seconds)."""
+        row = await self.pool.fetchrow(query("due_stats"))
+        assert row is not None
+        return int(row["due"]), float(row["oldest_age"])
+
+    async def ping(self) -> bool:
+        """True when the database answers (for /healthz)."""
+        try:
+            return bool(await self.pool.fetchval(query("ping"), timeout=2.0) == 1)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            return False
+
     async def queue_busy(self) -> bool:
         return bool(await self.pool.fetchval(query("queue_busy")))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Collection
 
 import asyncpg
@@ -16,6 +17,7 @@ import asyncpg
 from daemon import logs
 from daemon.config import WorkerConfig
 from daemon.db import ClaimedShot, Db
+from daemon.metrics import Metrics
 
 CHANNEL = "shots_queue"
 # Never wake more often than this for a scheduled_at (clock skew between hosts, rounding).
@@ -25,8 +27,10 @@ log = logs.get()
 
 
 class Picker:
-    def __init__(self, db: Db, worker_id: str, worker: WorkerConfig) -> None:
+    def __init__(self, db: Db, worker_id: str, worker: WorkerConfig,
+                 metrics: Metrics | None = None) -> None:
         self.db = db
+        self.metrics = metrics or Metrics()
         self.worker_id = worker_id
         self.worker = worker
         self.poll_interval = worker.poll_interval
@@ -36,7 +40,18 @@ class Picker:
         """Hands back shots of daemons that stopped renewing their lease (any daemon's)."""
         for shot_id, status in await self.db.reset_stale(self.worker.stale_after,
                                                          self.worker.max_attempts):
+            self.metrics.stale_reset.inc()
+            if status == "error":
+                self.metrics.jobs_finished.labels("error").inc()
             log.warning("stale_shot_reset", shot_id=shot_id, status=status)
+
+    async def observe_queue(self) -> int:
+        """Updates the queue gauges and the picker's heartbeat; returns the due count."""
+        due, oldest_age = await self.db.due_stats()
+        self.metrics.jobs_due.set(due)
+        self.metrics.oldest_due_age.set(oldest_age)
+        self.metrics.picker_last_tick.set(time.time())
+        return due
 
     async def claim_due(self, running: Collection[int]) -> list[ClaimedShot]:
         """Claims due shots until `max_running_shots` would be exceeded or none is due.

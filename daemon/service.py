@@ -17,11 +17,13 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import asyncpg
 
-from daemon import logs, migrate
+from daemon import logs, metrics, migrate
 from daemon.config import Config, effective_rate
 from daemon.db import ClaimedShot, Db, Lease, RoundTrips, create_pool
+from daemon.metrics import Metrics
 from daemon.picker import Picker
 from daemon.shot import DB_ERRORS, Delivery, ShotRunner
+from daemon.systemd import Notifier
 from daemon.telegram import BotApi, BotPacer, redact
 
 log = logs.get()
@@ -33,25 +35,48 @@ def new_worker_id() -> str:
 
 
 class Service:
-    def __init__(self, config: Config, db: Db, api: BotApi, *, exit_when_idle: bool) -> None:
+    def __init__(self, config: Config, db: Db, api: BotApi, *, exit_when_idle: bool,
+                 notifier: Notifier) -> None:
         self.config = config
         self.db = db
         self.api = api
         self.exit_when_idle = exit_when_idle
+        self.notifier = notifier
         self.worker_id = new_worker_id()
         self.stop = asyncio.Event()
+        self.finished = asyncio.Event()  # every shot drained: metrics and watchdog may end
+        self.metrics = Metrics(config.bots)
         self.pacers = {slug: BotPacer(effective_rate(config, slug)) for slug in config.bots}
-        self.picker = Picker(db, self.worker_id, config.worker)
+        self.picker = Picker(db, self.worker_id, config.worker, self.metrics)
         self.running: dict[int, asyncio.Task[None]] = {}
+        self._status = ""
 
     async def serve(self, connect_listener: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
-        log.info("daemon_started", worker_id=self.worker_id, bots=sorted(self.config.bots))
-        async with asyncio.TaskGroup() as tg:
-            listener = tg.create_task(self.picker.listen(connect_listener, self.stop))
-            await self._pick_loop(tg)
-            self.stop.set()  # idle exit: let the listener end too
-            await listener
+        host, port = self.config.metrics.host_port
+        server = await metrics.start_server(self.metrics, self.db.ping, host, port)
+        try:
+            log.info("daemon_started", worker_id=self.worker_id, bots=sorted(self.config.bots),
+                     metrics=self.config.metrics.listen)
+            self.notifier.ready(f"serving {len(self.config.bots)} bot(s)")
+            async with asyncio.TaskGroup() as outer:
+                outer.create_task(self.notifier.watchdog(self.finished))
+                async with asyncio.TaskGroup() as tg:
+                    listener = tg.create_task(self.picker.listen(connect_listener, self.stop))
+                    await self._pick_loop(tg)
+                    self.stop.set()  # idle exit: let the listener end too
+                    await listener
+                self.finished.set()
+        finally:
+            self.finished.set()
+            await server.cleanup()
         log.info("daemon_stopped", worker_id=self.worker_id)
+
+    def _report(self, due: int) -> None:
+        self.metrics.jobs_running.set(len(self.running))
+        status = f"{len(self.running)} shot(s) running, {due} due"
+        if status != self._status:
+            self._status = status
+            self.notifier.status(status)
 
     async def _pick_loop(self, tg: asyncio.TaskGroup) -> None:
         while not self.stop.is_set():
@@ -59,6 +84,7 @@ class Service:
                 await self.picker.reset_stale()
                 claimed = await self.picker.claim_due(self.running.keys())
                 wait = await self.picker.next_wait()
+                due = await self.picker.observe_queue()
                 if self.exit_when_idle and not self.running and not claimed:
                     if not await self.db.queue_busy():
                         log.info("daemon_idle")
@@ -67,9 +93,10 @@ class Service:
             except DB_ERRORS as exc:
                 # Running shots carry on (their own cycles retry); claiming resumes later.
                 log.error("picker_failed", error=str(exc))
-                claimed, wait = [], self.config.worker.poll_interval
+                claimed, wait, due = [], self.config.worker.poll_interval, 0
             for shot in claimed:
                 self.running[shot.id] = tg.create_task(self._run_shot(shot))
+            self._report(due)
             await self.picker.sleep(self.stop, wait)
 
     async def _run_shot(self, shot: ClaimedShot) -> None:
@@ -81,7 +108,8 @@ class Service:
                                          f"(add a [bots.{shot.bot_slug}] table to the config)")
                 return
             delivery = Delivery(self.db, self.api, self.pacers[shot.bot_slug], bot,
-                                self.config.worker, self.config.telegram, self.worker_id)
+                                self.config.worker, self.config.telegram, self.worker_id,
+                                self.metrics)
             await ShotRunner(shot, delivery, self.stop).run()
         except DB_ERRORS as exc:
             # The lease lapses and the shot is reset and resumed (no recipient is resent).
@@ -94,11 +122,14 @@ class Service:
             await self._refuse(shot, f"internal error while running the shot: {detail}")
         finally:
             self.running.pop(shot.id, None)
+            self.metrics.jobs_running.set(len(self.running))
             self.picker.wake.set()  # a slot is free; the bot may have another shot due
 
     async def _refuse(self, shot: ClaimedShot, reason: str) -> None:
         try:
-            await self.db.fail_unclaimable(Lease(shot.id, self.worker_id, shot.attempt), reason)
+            if await self.db.fail_unclaimable(Lease(shot.id, self.worker_id, shot.attempt),
+                                              reason):
+                self.metrics.jobs_finished.labels("error").inc()
             log.error("shot_failed", shot_id=shot.id, bot_slug=shot.bot_slug, reason=reason)
         except DB_ERRORS as exc:
             # The lease will expire and another attempt will be made.
@@ -115,8 +146,10 @@ async def run(config: Config, *, exit_when_idle: bool = False) -> int:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         async with aiohttp.ClientSession(connector=connector) as session:
             api = BotApi(session, config.telegram.api_base, config.telegram.request_timeout)
-            service = Service(config, Db(pool), api, exit_when_idle=exit_when_idle)
-            _install_signal_handlers(service.stop)
+            notifier = Notifier()
+            service = Service(config, Db(pool), api, exit_when_idle=exit_when_idle,
+                              notifier=notifier)
+            _install_signal_handlers(service.stop, notifier)
             await service.serve(lambda: asyncpg.connect(
                 config.database.dsn, server_settings={"application_name": "shotsd-listen"}))
     finally:
@@ -125,13 +158,14 @@ async def run(config: Config, *, exit_when_idle: bool = False) -> int:
     return 0
 
 
-def _install_signal_handlers(stop: asyncio.Event) -> None:
+def _install_signal_handlers(stop: asyncio.Event, notifier: Notifier) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, stop, sig)
+        loop.add_signal_handler(sig, _on_signal, stop, notifier, sig)
 
 
-def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+def _on_signal(stop: asyncio.Event, notifier: Notifier, sig: signal.Signals) -> None:
     if not stop.is_set():
         log.info("shutdown_requested", signal=sig.name)
+        notifier.stopping("draining in-flight requests, releasing running shots")
     stop.set()

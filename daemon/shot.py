@@ -24,6 +24,7 @@ import asyncpg
 from daemon import logs
 from daemon.config import BotConfig, TelegramConfig, WorkerConfig
 from daemon.db import AttemptCounts, ClaimedShot, Db, Lease, RecipientOutcome, Tally
+from daemon.metrics import JOB_RESULTS, Metrics
 from daemon.telegram import (
     ApiCall,
     BotApi,
@@ -59,6 +60,7 @@ class Delivery:
     worker: WorkerConfig
     telegram: TelegramConfig
     worker_id: str
+    metrics: Metrics
     clock: Callable[[], float] = time.monotonic
 
 
@@ -132,7 +134,8 @@ class ShotRunner:
             return "lost"
         problem = content_problem(self.content)
         if problem is not None:
-            await d.db.fail_unclaimable(self.lease, problem)
+            if await d.db.fail_unclaimable(self.lease, problem):
+                d.metrics.jobs_finished.labels("error").inc()
             self.log.warning("shot_refused", reason=problem)
             return "error"
         if not shot.audience_selected:
@@ -227,6 +230,8 @@ class ShotRunner:
         if not batch:
             return
         self.state.counts.update(vars(written))
+        for result, count in vars(written).items():
+            self.d.metrics.messages.labels(self.shot.bot_slug, result).inc(count)
         self.log.info("batch_sent", sent=written.sent, skipped=written.skipped,
                       error=written.error,
                       not_sent=sum(1 for o in batch if o.status == "pending"))
@@ -293,7 +298,7 @@ class ShotRunner:
             first = False
             if not go:
                 return None
-            result = await self.d.api.call(self.d.bot.token, call)
+            result = await self._request(call)
             if result.kind is Kind.RETRY_AFTER:
                 self.d.pacer.pause(result.retry_after)
                 self.log.warning("bot_rate_limited", retry_after=result.retry_after)
@@ -312,6 +317,13 @@ class ShotRunner:
             delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (retries - 1))
             if await _sleep_unless(self.halt, delay * random.uniform(0.5, 1.0)):  # noqa: S311
                 return None
+
+    async def _request(self, call: ApiCall) -> Result:
+        started = time.monotonic()
+        result = await self.d.api.call(self.d.bot.token, call)
+        self.d.metrics.observe_request(self.shot.bot_slug, call.method, result.code,
+                                       time.monotonic() - started)
+        return result
 
     def _started(self, first: bool) -> None:
         if first:
@@ -357,7 +369,7 @@ class ShotRunner:
                 break
             if not await self._slot():
                 break
-            result = await self.d.api.call(self.d.bot.token, ApiCall("getMe", {}))
+            result = await self._request(ApiCall("getMe", {}))
             if result.kind is not Kind.TRANSIENT:
                 self.log.info("telegram_reachable", answer=result.code)
                 break
@@ -395,6 +407,8 @@ class ShotRunner:
             return "released" if released else "lost"
         status = await d.db.finish_shot(
             self.lease, counts, lambda tally: decide_finish(tally, state.fatal))
+        if status in JOB_RESULTS:
+            d.metrics.jobs_finished.labels(status).inc()
         self.log.info("shot_finished", status=status, **vars(counts))
         return status or "lost"
 

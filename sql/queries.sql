@@ -266,6 +266,15 @@ WHERE shot_id = $1::bigint AND attempt = $2::int;
 SELECT extract(epoch FROM min(scheduled_at) - now())::float8 AS seconds FROM shots_queue
 WHERE status = 'pending' AND scheduled_at > now();
 
+-- name: due_stats
+-- For the shots_jobs_due / shots_oldest_due_job_age_seconds gauges (database clock).
+SELECT count(*) AS due,
+       coalesce(extract(epoch FROM now() - min(scheduled_at)), 0)::float8 AS oldest_age
+FROM shots_queue WHERE status = 'pending' AND scheduled_at <= now();
+
+-- name: ping
+SELECT 1;
+
 -- name: queue_busy
 -- Whether any shot is running (here or elsewhere) or due: `run --exit-when-idle` waits.
 SELECT EXISTS (SELECT 1 FROM shots_queue WHERE status = 'running')

@@ -127,6 +127,7 @@ def write_config(path: Path, dsn: str, api_base: str = "http://127.0.0.1:9",
         "telegram": {"api_base": api_base, "request_timeout": 5.0},
         "worker": {"poll_interval": 0.5},
         "logging": {"format": "json", "level": "info"},
+        "metrics": {"listen": "127.0.0.1:0"},  # several daemons at once: any free port
     }
     for name, values in sections.items():
         tables[name] = {**tables.get(name, {}), **values}
