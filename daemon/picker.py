@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Collection
 import asyncpg
 
 from daemon import logs
+from daemon.aio import wait_any
 from daemon.config import WorkerConfig
 from daemon.db import ClaimedShot, Db
 from daemon.metrics import Metrics
@@ -76,12 +77,7 @@ class Picker:
 
     async def sleep(self, stop: asyncio.Event, seconds: float) -> None:
         """Sleeps until the timeout, a wake-up or shutdown, whichever comes first."""
-        waiters = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())]
-        try:
-            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        await wait_any([self.wake, stop], seconds)
         self.wake.clear()
 
     async def listen(self, connect: Callable[[], Awaitable[asyncpg.Connection]],
@@ -107,7 +103,7 @@ class Picker:
         try:
             await conn.add_listener(CHANNEL, lambda *_args: self.wake.set())
             self.wake.set()  # anything inserted while we were not listening
-            await _first(stop, closed)
+            await wait_any([stop, closed], None)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("listen_failed", error=str(exc))
         finally:
@@ -116,14 +112,4 @@ class Picker:
                 await conn.close(timeout=2)
 
     async def sleep_or_stop(self, stop: asyncio.Event, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), seconds)
-
-
-async def _first(*events: asyncio.Event) -> None:
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
+        await wait_any([stop], seconds)

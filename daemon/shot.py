@@ -15,13 +15,13 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import asyncpg
 
 from daemon import logs
+from daemon.aio import sleep_unless, wait_any
 from daemon.config import BotConfig, TelegramConfig, WorkerConfig
 from daemon.db import AttemptCounts, ClaimedShot, Db, Lease, RecipientOutcome, Tally
 from daemon.metrics import JOB_RESULTS, Metrics
@@ -158,7 +158,7 @@ class ShotRunner:
             if not s.in_flight and (s.exhausted or self.halted):
                 return
             events = [self.wake] if self.stop.is_set() else [self.wake, self.stop]
-            await _wait_any(events, self.interval)
+            await wait_any(events, self.interval)
             self.wake.clear()
             if self.stop.is_set():
                 self.halt.set()  # backoffs and probes end too, so shutdown stays prompt
@@ -315,7 +315,7 @@ class ShotRunner:
             if retries > self.d.telegram.max_retries:
                 return result
             delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (retries - 1))
-            if await _sleep_unless(self.halt, delay * random.uniform(0.5, 1.0)):  # noqa: S311
+            if await sleep_unless(self.halt, delay * random.uniform(0.5, 1.0)):  # noqa: S311
                 return None
 
     async def _request(self, call: ApiCall) -> Result:
@@ -337,7 +337,7 @@ class ShotRunner:
             if self.halted or not self._lease_ok():
                 return False
             if not self.telegram_up.is_set():
-                await _wait_any([self.telegram_up, self.halt, self.stop], None)
+                await wait_any([self.telegram_up, self.halt, self.stop], None)
                 continue
             if await self._slot() and self.telegram_up.is_set():
                 # a long 429 pause may have outlived the lease: check once more
@@ -346,7 +346,7 @@ class ShotRunner:
     async def _slot(self) -> bool:
         """The bot's next request slot; False if the shot halts first."""
         acquire = asyncio.ensure_future(self.d.pacer.acquire())
-        await _wait_any([acquire, self.halt, self.stop], None)
+        await wait_any([acquire, self.halt, self.stop], None)
         if acquire.done() and not self.halted:
             return True
         acquire.cancel()  # a slot it may have taken is simply not used
@@ -365,7 +365,7 @@ class ShotRunner:
         """While Telegram is unreachable, asks getMe with backoff until it answers."""
         delay = BACKOFF_BASE
         while not self.halt.is_set():
-            if await _sleep_unless(self.halt, delay):
+            if await sleep_unless(self.halt, delay):
                 break
             if not await self._slot():
                 break
@@ -411,25 +411,3 @@ class ShotRunner:
             d.metrics.jobs_finished.labels(status).inc()
         self.log.info("shot_finished", status=status, **vars(counts))
         return status or "lost"
-
-
-async def _sleep_unless(event: asyncio.Event, seconds: float) -> bool:
-    """Sleeps up to `seconds`; True (early) when `event` is set."""
-    await _wait_any([event], seconds)
-    return event.is_set()
-
-
-async def _wait_any(
-    waitables: Sequence[asyncio.Event | asyncio.Future[None]], timeout: float | None
-) -> None:
-    """Returns when any event is set / future is done, or after `timeout` seconds. Only the
-    waiters it made for events are cancelled; futures passed in are the caller's."""
-    owned: list[asyncio.Future[Any]] = [
-        asyncio.ensure_future(w.wait()) for w in waitables if isinstance(w, asyncio.Event)]
-    given: list[asyncio.Future[Any]] = [w for w in waitables if isinstance(w, asyncio.Future)]
-    try:
-        await asyncio.wait([*owned, *given], timeout=timeout,
-                           return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in owned:
-            waiter.cancel()
