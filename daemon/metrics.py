@@ -12,7 +12,14 @@ import json
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 MESSAGE_RESULTS = ("sent", "skipped", "error")
@@ -26,6 +33,8 @@ class Metrics:
     def __init__(self, bots: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, open fds, CPU …
+        PlatformCollector(registry=r)
         self.messages = Counter("shots_messages", "Recipients whose outcome was written, "
                                 "by result.", ["bot_slug", "result"], registry=r)
         self.requests = Counter("shots_telegram_requests", "Bot API requests by HTTP status "
