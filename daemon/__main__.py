@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = load(args.config)
+        config = load(args.config, resolve_tokens=args.command in ("run", "check-config"))
     except ConfigError as exc:
         print(f"shotsd: configuration error:\n{exc}", file=sys.stderr)
         return EXIT_USAGE

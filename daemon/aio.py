@@ -15,7 +15,7 @@ async def sleep_unless(event: asyncio.Event, seconds: float) -> bool:
 
 
 async def wait_any(
-    waitables: Sequence[asyncio.Event | asyncio.Future[None]], timeout: float | None
+    waitables: Sequence[asyncio.Event | asyncio.Future[Any]], timeout: float | None
 ) -> None:
     """Returns when any event is set / future is done, or after `timeout` seconds. Only the
     waiters it made for events are cancelled; futures passed in are the caller's."""

@@ -185,8 +185,11 @@ def _fmt(number: float) -> str:
     return f"{number:g}"
 
 
-def load(path: Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Reads and validates the config file; raises ConfigError naming every bad key."""
+def load(path: Path, environ: Mapping[str, str] | None = None, *,
+         resolve_tokens: bool = True) -> Config:
+    """Reads and validates the config file; raises ConfigError naming every bad key.
+    `resolve_tokens=False` (migrate, status) leaves bot tokens unread: those commands never
+    talk to Telegram and must work where the credentials are not (yet) in place."""
     env = os.environ if environ is None else environ
     try:
         with path.open("rb") as fh:
@@ -197,10 +200,11 @@ def load(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not valid UTF-8"]) from None
-    return parse(data, env, base_dir=path.parent)
+    return parse(data, env, base_dir=path.parent, resolve_tokens=resolve_tokens)
 
 
-def parse(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> Config:
+def parse(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path, *,
+          resolve_tokens: bool = True) -> Config:
     problems: list[str] = []
     warnings: list[str] = []
     root = _Table(data, "", problems)
@@ -208,7 +212,7 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str], base_dir: Path) -> Co
         database=_database(root.table("database"), env),
         telegram=_telegram(root.table("telegram")),
         worker=_worker(root.table("worker")),
-        bots=_bots(root.table("bots"), env, base_dir, warnings),
+        bots=_bots(root.table("bots"), env, base_dir, warnings, resolve_tokens),
         metrics=_metrics(root.table("metrics")),
         logging=_logging(root.table("logging")),
         warnings=tuple(warnings),
@@ -263,15 +267,20 @@ def _worker(t: _Table) -> WorkerConfig:
 
 
 def _bots(
-    t: _Table, env: Mapping[str, str], base_dir: Path, warnings: list[str]
+    t: _Table, env: Mapping[str, str], base_dir: Path, warnings: list[str],
+    resolve_tokens: bool,
 ) -> dict[str, BotConfig]:
     bots: dict[str, BotConfig] = {}
     for slug in list(t.data):
         bot = t.table(slug)
         if not _SLUG.fullmatch(slug):
             t.problem(slug, "bot slug must be letters, digits, '_' or '-' (at most 64)")
-        resolved = _token(bot, env, base_dir)
-        if "token" in bot.data and resolved is not None:
+        if resolve_tokens:
+            resolved = _token(bot, env, base_dir)
+        else:
+            bot.seen.update(("token_env", "token_file", "token"))
+            resolved = ("", "not read: this command does not talk to Telegram")
+        if resolve_tokens and "token" in bot.data and resolved is not None:
             warnings.append(f"{bot.key('token')}: token written in the config file; "
                             "prefer token_env or token_file")
         rate = (bot.number("rate_per_second", float, 25.0, low=0.01, high=1000)

@@ -40,6 +40,9 @@ from daemon.telegram import (
 CYCLE_INTERVAL = 1.0
 # On shutdown, outcomes are written for at most this long if the database does not answer.
 STOP_GRACE = 3.0
+# On shutdown, requests in flight get this long to answer (SPEC: exit within 10 s, though
+# request_timeout may be longer); then they are abandoned and recorded 'outcome unknown'.
+DRAIN_LIMIT = 6.0
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 30.0
 # This many transient failures in a row, with no answer in between, mean Telegram is
@@ -112,6 +115,7 @@ class ShotRunner:
         self.wake = asyncio.Event()  # run the cycle now
         self.telegram_up = asyncio.Event()
         self.telegram_up.set()
+        self.drain_over = asyncio.Event()  # stopping, and in-flight requests had their time
         self._failures_in_a_row = 0
         self._stop_seen_at: float | None = None
         w = delivery.worker
@@ -138,6 +142,9 @@ class ShotRunner:
                 d.metrics.jobs_finished.labels("error").inc()
             self.log.warning("shot_refused", reason=problem)
             return "error"
+        if self.stop.is_set():  # claimed as shutdown began: hand it straight back
+            await d.db.release_shot(self.lease, AttemptCounts())
+            return "released"
         if not shot.audience_selected:
             total = await d.db.select_audience(shot, self.lease)
             if total is None:
@@ -161,7 +168,14 @@ class ShotRunner:
             await wait_any(events, self.interval)
             self.wake.clear()
             if self.stop.is_set():
-                self.halt.set()  # backoffs and probes end too, so shutdown stays prompt
+                self._stopping()
+
+    def _stopping(self) -> None:
+        self.halt.set()  # backoffs and probes end too, so shutdown stays prompt
+        if self._stop_seen_at is None:
+            self._stop_seen_at = self.d.clock()
+        elif self.d.clock() - self._stop_seen_at > DRAIN_LIMIT:
+            self.drain_over.set()
 
     def _lease_ok(self) -> bool:
         """False once the lease may have expired: then nothing more may be sent."""
@@ -210,8 +224,8 @@ class ShotRunner:
         daemon is stopping and the database has not answered for STOP_GRACE, they are
         dropped: the next holder reports those recipients as 'outcome unknown'."""
         s = self.state
-        if self.stop.is_set() and self._stop_seen_at is None:
-            self._stop_seen_at = self.d.clock()
+        if self.stop.is_set():
+            self._stopping()
         stopping_too_long = (self._stop_seen_at is not None
                              and self.d.clock() - self._stop_seen_at > STOP_GRACE)
         if stopping_too_long:
@@ -320,7 +334,14 @@ class ShotRunner:
 
     async def _request(self, call: ApiCall) -> Result:
         started = time.monotonic()
-        result = await self.d.api.call(self.d.bot.token, call)
+        request = asyncio.ensure_future(self.d.api.call(self.d.bot.token, call))
+        await wait_any([request, self.drain_over], None)
+        if request.done():
+            result = request.result()
+        else:  # shutting down and Telegram is slow: give up on the answer, never resend
+            request.cancel()
+            result = Result(Kind.UNKNOWN, "no answer before the daemon had to stop",
+                            code="timeout")
         self.d.metrics.observe_request(self.shot.bot_slug, call.method, result.code,
                                        time.monotonic() - started)
         return result

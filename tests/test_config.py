@@ -427,3 +427,17 @@ def test_token_written_in_wrong_key_is_not_echoed(tmp_path: Path, source: str) -
 
 def test_slug_with_trailing_newline_is_rejected(tmp_path: Path) -> None:
     rejected(tmp_path, '[bots."shop\\n"]\ntoken_env = "SHOP_TOKEN"\n')
+
+
+def test_migrate_and_status_do_not_need_the_bot_tokens(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[bots.shop]\ntoken_file = "missing.token"\n'
+                    '[bots.other]\ntoken_env = "UNSET_VARIABLE_FOR_TEST"\n')
+    config = load(path, {}, resolve_tokens=False)
+    assert sorted(config.bots) == ["other", "shop"]
+    assert config.secrets() == []
+    with pytest.raises(ConfigError, match="token_file: cannot read"):
+        load(path, {})
+    path.write_text('[bots.shop]\ntoken_envv = "X"\n')  # other mistakes are still errors
+    with pytest.raises(ConfigError, match="bots.shop.token_envv: unknown key"):
+        load(path, {}, resolve_tokens=False)

@@ -302,3 +302,37 @@ async def test_slow_telegram_never_pushes_a_window_over_the_rate(
                                 telegram={"request_timeout": 15.0}))
     assert emulator.max_in_window(TOKEN) <= 25
     assert (await shot_row(pool, shot))["sent_count"] == 150
+
+
+@pytest.mark.asyncio
+async def test_shutdown_does_not_wait_for_telegram_longer_than_the_drain_limit(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    """request_timeout (15 s) is longer than the 10 s a stop may take: requests still
+    unanswered at the drain limit are abandoned as 'outcome unknown', never resent."""
+    await add_contacts(pool, "shop", range(1, 301))
+    shot = await add_shot(pool)
+    proc = await start_shotsd("run", "--config", str(write_config(
+        tmp_path / "c.toml", dsn, emulator.base_url,
+        telegram={"rate_per_second": 50.0, "request_timeout": 15.0})))
+    try:
+        await emulator.wait_for(lambda e: len(e.delivered()) >= 10)
+        emulator.latency = 30.0  # Telegram stops answering
+        answered = len(emulator.requests)
+        await emulator.wait_for(lambda e: len(e.requests) >= answered + 5)
+        proc.send_signal(signal.SIGTERM)
+        stopping = time.monotonic()
+        await asyncio.wait_for(proc.communicate(), 12)
+        assert time.monotonic() - stopping < 10
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert (await shot_row(pool, shot))["status"] == "pending"  # released
+    recipients = await recipients_of(pool, shot)
+    hanging = {r.chat_id for r in emulator.requests[answered:]}
+    assert len(hanging) >= 5
+    for chat in hanging:
+        assert recipients[chat]["status"] == "error"
+        assert recipients[chat]["error"].startswith("outcome unknown: no answer before")
+    assert "sending" not in {r["status"] for r in recipients.values()}
