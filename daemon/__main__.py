@@ -14,6 +14,7 @@ import uvloop
 
 from daemon import __version__, logs, migrate, service, status
 from daemon.config import DEFAULT_PATH, Config, ConfigError, describe, load
+from daemon.metrics import ListenError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run_async(coro: Coroutine[Any, Any, int], config: Config) -> int:
     try:
         return uvloop.run(coro)
+    except ListenError as exc:
+        logs.get().error("metrics_listen_failed", error=str(exc))
+        print(f"shotsd: {exc}", file=sys.stderr)
     except (migrate.MigrationError, migrate.SchemaBehind) as exc:
         logs.get().error("schema_mismatch", error=str(exc))
         print(f"shotsd: {exc}", file=sys.stderr)

@@ -110,7 +110,12 @@ async def start_server(metrics: Metrics, database_ok: HealthCheck, host: str, po
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
-    except OSError:
+    except OSError as exc:
         await runner.cleanup()
-        raise
+        raise ListenError(f"metrics.listen: cannot listen on {host}:{port}: "
+                          f"{exc.strerror or exc}") from None
     return runner
+
+
+class ListenError(Exception):
+    """The metrics address cannot be bound (taken, or not an address of this host)."""

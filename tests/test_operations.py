@@ -288,7 +288,9 @@ def test_a_reader_that_does_not_keep_up_never_blocks_the_daemon(
     notify_socket: socket.socket,
 ) -> None:
     notifier = Notifier({"NOTIFY_SOCKET": notify_socket.getsockname()})
-    sent = [notifier.notify("WATCHDOG=1") for _ in range(500)]  # nobody reads: queue fills
+    queue = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+    # nobody reads: the socket's queue fills
+    sent = [notifier.notify("WATCHDOG=1") for _ in range(queue + 100)]
     assert sent[0]
     assert not all(sent)  # later ones were dropped instead of blocking
 
@@ -343,3 +345,32 @@ async def test_a_real_prometheus_scrapes_shotsd(
         await server.wait()
         daemon.send_signal(signal.SIGTERM)
         await asyncio.wait_for(daemon.communicate(), 10)
+
+
+@pytest.mark.asyncio
+async def test_a_taken_metrics_port_fails_clearly_and_never_reports_ready(
+    dsn: str, tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = write_config(tmp_path / "c.toml", dsn, metrics={"listen": f"127.0.0.1:{port}"})
+        done = await run_shotsd("run", "--config", str(cfg),
+                                env=shotsd_env(NOTIFY_SOCKET=notify_socket.getsockname()))
+    assert done.returncode == 1
+    assert f"metrics.listen: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "database" not in done.stderr
+    assert not any(m.startswith("READY=1") for m in _received(notify_socket))
+
+
+@pytest.mark.asyncio
+async def test_an_unreachable_database_at_start_fails_before_ready(
+    tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    cfg = write_config(tmp_path / "c.toml", f"postgresql://postgres@127.0.0.1:{_free_port()}/x")
+    done = await run_shotsd("run", "--config", str(cfg),
+                            env=shotsd_env(NOTIFY_SOCKET=notify_socket.getsockname()))
+    assert done.returncode == 1
+    assert "cannot use the database" in done.stderr
+    assert _received(notify_socket) == []
