@@ -49,10 +49,10 @@ class Metrics:
                                      ["result"], registry=r)
         self.jobs_running = Gauge("shots_jobs_running", "Shots this daemon is running.",
                                   registry=r)
-        self.jobs_due = Gauge("shots_jobs_due", "Pending shots whose scheduled_at has passed.",
-                              registry=r)
+        self.jobs_due = Gauge("shots_jobs_due", "Pending shots whose scheduled_at has passed "
+                              "and whose bot is not busy with another shot.", registry=r)
         self.oldest_due_age = Gauge("shots_oldest_due_job_age_seconds", "How long the oldest "
-                                    "due pending shot has waited (0 when none).", registry=r)
+                                    "such due shot has waited (0 when none).", registry=r)
         self.stale_reset = Counter("shots_stale_jobs_reset", "Running shots reset after their "
                                    "lease expired.", registry=r)
         self.picker_last_tick = Gauge("shots_picker_last_tick_timestamp_seconds", "Unix time "

@@ -267,10 +267,15 @@ SELECT extract(epoch FROM min(scheduled_at) - now())::float8 AS seconds FROM sho
 WHERE status = 'pending' AND scheduled_at > now();
 
 -- name: due_stats
--- For the shots_jobs_due / shots_oldest_due_job_age_seconds gauges (database clock).
+-- For the shots_jobs_due / shots_oldest_due_job_age_seconds gauges (database clock). A shot
+-- waiting for its bot's running shot is queued by design, not late: it is left out, or a
+-- second shot behind a 67-minute broadcast would look like a stuck daemon.
 SELECT count(*) AS due,
-       coalesce(extract(epoch FROM now() - min(scheduled_at)), 0)::float8 AS oldest_age
-FROM shots_queue WHERE status = 'pending' AND scheduled_at <= now();
+       coalesce(extract(epoch FROM now() - min(q.scheduled_at)), 0)::float8 AS oldest_age
+FROM shots_queue q
+WHERE q.status = 'pending' AND q.scheduled_at <= now()
+  AND NOT EXISTS (SELECT 1 FROM shots_queue r
+                  WHERE r.bot_slug = q.bot_slug AND r.status = 'running');
 
 -- name: ping
 SELECT 1;

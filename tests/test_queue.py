@@ -261,3 +261,20 @@ async def test_the_picker_claims_up_to_max_running_shots_one_per_bot(pool: async
     assert await picker.claim_due(running=[s.id for s in first]) == []  # at the cap
     third = await picker.claim_due(running=[first[0].id])  # one slot free: bot c, not a again
     assert [s.bot_slug for s in third] == ["c"]
+
+
+@pytest.mark.asyncio
+async def test_due_stats_leave_out_shots_queued_behind_their_bots_running_shot(
+    pool: asyncpg.Pool,
+) -> None:
+    db = Db(pool)
+    hour_ago = await pool.fetchval("SELECT now() - interval '1 hour'")
+    await add_shot(pool, "shop", scheduled_at=hour_ago)
+    assert await db.claim_shot(WORKER_A) is not None  # shop is busy now
+    await add_shot(pool, "shop", scheduled_at=hour_ago)  # waits for shop, by design
+    assert await db.due_stats() == (0, 0.0)
+    await add_shot(pool, "other", scheduled_at=await pool.fetchval(
+        "SELECT now() - interval '10 minutes'"))
+    due, oldest = await db.due_stats()
+    assert due == 1
+    assert 590 < oldest < 700
