@@ -69,6 +69,14 @@ class AttemptCounts:
 
 
 @dataclass(frozen=True)
+class StaleReset:
+    shot_id: int
+    bot_slug: str
+    status: str  # 'pending' (to be resumed) or 'error' (given up)
+    unknown: int  # recipients it left in flight, now 'outcome unknown' errors (given up only)
+
+
+@dataclass(frozen=True)
 class Cycle:
     status: str | None  # the shot's status; None when the caller no longer holds it
     reserved: list[int]  # recipients now 'sending', in send order
@@ -139,24 +147,26 @@ class Db:
                 audience_selected=row["audience_selected"], requeued=row["requeued"])
         return None
 
-    async def begin_attempt(self, shot: ClaimedShot, lease: Lease) -> bool:
+    async def begin_attempt(self, shot: ClaimedShot, lease: Lease) -> int | None:
         """Opens the attempt under the shot's row lock: records it, turns recipients left in
         flight by an earlier holder into 'outcome unknown' errors (never resent), and on a
         requeue puts recipients that failed with a known outcome back to 'pending'.
-        False (and nothing written) when the claim no longer holds the shot."""
+        Returns how many became 'outcome unknown'; None (and nothing written) when the
+        claim no longer holds the shot."""
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 if await conn.fetchval(query("lock_claim"), *lease.args) is None:
                     raise _FencedOut
                 await conn.execute(query("insert_attempt"), shot.id, shot.attempt,
                                    lease.worker_id)
-                await conn.execute(query("mark_unknown_outcomes"), shot.id, UNKNOWN_OUTCOME)
+                marked = await conn.execute(query("mark_unknown_outcomes"), shot.id,
+                                             UNKNOWN_OUTCOME)
                 if shot.requeued:
                     await conn.execute(query("retry_failed_recipients"), shot.id)
                 await conn.execute(query("recount_shot"), shot.id)
-                return True
+                return int(marked.split()[-1])  # "UPDATE <n>"
         except _FencedOut:
-            return False
+            return None
 
     async def select_audience(self, shot: ClaimedShot, lease: Lease) -> int | None:
         """Materialises the audience once, set-based (INSERT … SELECT); returns its size, or
@@ -188,11 +198,11 @@ class Db:
         written = AttemptCounts(row["sent"], row["skipped"], row["error"])
         return Cycle(row["status"], list(row["reserved"]), written, row["orphans"])
 
-    async def reset_stale(self, stale_after: float, max_attempts: int) -> list[tuple[int, str]]:
-        """Hands back shots whose lease expired; returns (shot id, new status) pairs."""
+    async def reset_stale(self, stale_after: float, max_attempts: int) -> list[StaleReset]:
+        """Hands back shots whose lease expired."""
         rows = await self.pool.fetch(
             query("reset_stale_shots"), stale_after, max_attempts, UNKNOWN_OUTCOME)
-        return [(row["id"], row["status"]) for row in rows]
+        return [StaleReset(r["id"], r["bot_slug"], r["status"], r["unknown"]) for r in rows]
 
     async def finish_shot(
         self, lease: Lease, counts: AttemptCounts,

@@ -64,26 +64,23 @@ def configure(level: str, fmt: str | None, secrets: list[str]) -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
+    # Libraries (asyncio, aiohttp, asyncpg) log through stdlib logging: their records go
+    # through the same masker and renderer, so stdout stays one JSON object per line.
     handler = logging.StreamHandler(sys.stdout)
-    handler.addFilter(_StdlibMasker(masker))
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            masker,
+            renderer,
+        ],
+    ))
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
-
-
-class _StdlibMasker(logging.Filter):
-    """Masks secrets in records from libraries (asyncio, aiohttp) that log through stdlib."""
-
-    def __init__(self, masker: SecretMasker) -> None:
-        super().__init__()
-        self.masker = masker
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = self.masker.mask(record.getMessage())
-        record.args = None
-        if record.exc_info:
-            record.msg += "\n" + self.masker.mask(logging.Formatter().formatException(
-                record.exc_info))
-            record.exc_info = None
-        return True
 
 
 def get(name: str = "shotsd") -> Any:

@@ -39,12 +39,14 @@ class Picker:
 
     async def reset_stale(self) -> None:
         """Hands back shots of daemons that stopped renewing their lease (any daemon's)."""
-        for shot_id, status in await self.db.reset_stale(self.worker.stale_after,
-                                                         self.worker.max_attempts):
+        for reset in await self.db.reset_stale(self.worker.stale_after,
+                                               self.worker.max_attempts):
             self.metrics.stale_reset.inc()
-            if status == "error":
+            if reset.status == "error":
                 self.metrics.jobs_finished.labels("error").inc()
-            log.warning("stale_shot_reset", shot_id=shot_id, status=status)
+                self.metrics.messages.labels(reset.bot_slug, "error").inc(reset.unknown)
+            log.warning("stale_shot_reset", shot_id=reset.shot_id, bot_slug=reset.bot_slug,
+                        status=reset.status, outcome_unknown=reset.unknown)
 
     async def observe_queue(self) -> int:
         """Updates the queue gauges and the picker's heartbeat; returns the due count."""

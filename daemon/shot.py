@@ -134,8 +134,12 @@ class ShotRunner:
     async def run(self) -> str:
         """Runs the shot to its end; returns the final status, 'released' or 'lost'."""
         d, shot = self.d, self.shot
-        if not await d.db.begin_attempt(shot, self.lease):
+        unknown = await d.db.begin_attempt(shot, self.lease)
+        if unknown is None:
             return "lost"
+        if unknown:
+            d.metrics.messages.labels(shot.bot_slug, "error").inc(unknown)
+            self.log.warning("outcome_unknown", recipients=unknown)
         problem = content_problem(self.content)
         if problem is not None:
             if await d.db.fail_unclaimable(self.lease, problem):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 from daemon.config import Config
@@ -26,9 +25,10 @@ async def show(config: Config, *, as_json: bool) -> int:
 
 
 def _progress(row: dict[str, Any]) -> dict[str, Any]:
+    """Counts are the shot's (all attempts); rate and ETA are the current attempt's."""
     done = row["sent_count"] + row["skipped_count"] + row["error_count"]
-    elapsed = (datetime.now(UTC) - row["started_at"]).total_seconds() if row["started_at"] else 0
-    rate = done / elapsed if elapsed > 0 else 0.0
+    window = min(60.0, row["attempt_seconds"])
+    rate = row["recent_sent"] / window if window > 0 else 0.0
     left = max(0, row["audience_total"] - done)
     return {
         "id": row["id"], "bot_slug": row["bot_slug"], "total": row["audience_total"],

@@ -192,13 +192,13 @@ WITH stale AS (
         finished_at = CASE WHEN stale.used >= $2::int THEN now() ELSE q.finished_at END
     FROM stale
     WHERE q.id = stale.id
-    RETURNING q.id, q.status, q.attempt_count, stale.worker_id AS previous_worker
+    RETURNING q.id, q.bot_slug, q.status, q.attempt_count, stale.worker_id AS previous_worker
 ), unknown AS (
     UPDATE shots_sent s
     SET status = 'error', error = $3::text
     FROM reset
     WHERE reset.status = 'error' AND s.shot_id = reset.id AND s.status = 'sending'
-    RETURNING 1
+    RETURNING s.shot_id
 ), attempts AS (
     UPDATE shots_attempts a
     SET finished_at = now(), outcome = 'reset',
@@ -207,7 +207,9 @@ WITH stale AS (
     WHERE a.shot_id = reset.id AND a.attempt = reset.attempt_count AND a.finished_at IS NULL
     RETURNING 1
 )
-SELECT id, status::text AS status, previous_worker FROM reset ORDER BY id;
+SELECT id, bot_slug, status::text AS status, previous_worker,
+       (SELECT count(*) FROM unknown u WHERE u.shot_id = reset.id) AS unknown
+FROM reset ORDER BY id;
 
 -- name: lock_for_finish
 -- Locks a shot the writer holds and returns its recipients' tally and most frequent error.
@@ -289,6 +291,15 @@ SELECT EXISTS (SELECT 1 FROM shots_queue WHERE status = 'running')
 SELECT status::text AS status, count(*) AS n FROM shots_queue GROUP BY status ORDER BY status;
 
 -- name: running_shots
-SELECT id, bot_slug, audience_total, sent_count, skipped_count, error_count, started_at,
-       heartbeat_at, worker_id
-FROM shots_queue WHERE status = 'running' ORDER BY id;
+-- Progress of running shots for `shotsd status`. The rate is the current attempt's: messages
+-- sent in the last minute (the bot_slug + sent_at index finds them), over the attempt's age
+-- when it is younger than that.
+SELECT q.id, q.bot_slug, q.audience_total, q.sent_count, q.skipped_count, q.error_count,
+       q.started_at, q.heartbeat_at, q.worker_id,
+       (SELECT count(*) FROM shots_sent s
+        WHERE s.bot_slug = q.bot_slug AND s.sent_at > now() - interval '60 seconds'
+          AND s.shot_id = q.id) AS recent_sent,
+       coalesce(extract(epoch FROM now() - a.started_at), 0)::float8 AS attempt_seconds
+FROM shots_queue q
+LEFT JOIN shots_attempts a ON a.shot_id = q.id AND a.attempt = q.attempt_count
+WHERE q.status = 'running' ORDER BY q.id;

@@ -268,6 +268,16 @@ async def test_status_shows_shots_by_status_and_running_progress(
         "UPDATE shots_queue SET status = 'running', worker_id = 'host:1:x', heartbeat_at = now(),"
         " started_at = now() - interval '100 seconds', audience_total = 1000, sent_count = 180,"
         " skipped_count = 15, error_count = 5 WHERE id = $1", running)
+    # its current attempt started 100 s ago (an earlier one days ago must not matter) and
+    # sent 120 messages in the last minute: 2/s
+    await pool.execute("UPDATE shots_queue SET started_at = now() - interval '3 days', "
+                       "attempt_count = 2 WHERE id = $1", running)
+    await pool.execute("INSERT INTO shots_attempts (shot_id, attempt, worker_id, started_at) "
+                       "VALUES ($1, 2, 'host:1:x', now() - interval '100 seconds')", running)
+    await pool.execute(
+        "INSERT INTO shots_sent (shot_id, telegram_id, bot_slug, position, status, sent_at) "
+        "SELECT $1, n, 'other', n, 'sent', now() - make_interval(secs => n * 0.4) "
+        "FROM generate_series(1, 180) n", running)  # 150 of them within the last 60 s
     cfg = write_config(tmp_path / "c.toml", dsn)
     as_json = await run_shotsd("status", "--json", "--config", str(cfg))
     assert as_json.returncode == 0, as_json.stderr
@@ -276,8 +286,8 @@ async def test_status_shows_shots_by_status_and_running_progress(
     [progress] = data["running"]
     assert (progress["id"], progress["bot_slug"], progress["total"]) == (running, "other", 1000)
     assert (progress["sent"], progress["skipped"], progress["error"]) == (180, 15, 5)
-    assert 1.9 < progress["rate_per_second"] <= 2.0  # 200 done in ~100 s
-    assert 390 < progress["eta_seconds"] < 410  # 800 left at ~2/s
+    assert 2.4 < progress["rate_per_second"] <= 2.5  # ~149 sent in the last minute
+    assert 320 < progress["eta_seconds"] < 335  # 800 left at ~2.5/s
     table = await run_shotsd("status", "--config", str(cfg))
     assert table.returncode == 0
     assert "180/15/5 of 1000" in table.stdout

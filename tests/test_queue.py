@@ -184,13 +184,16 @@ async def test_stale_shots_are_reset_then_given_up_after_max_attempts(pool: asyn
         assert claimed is not None
         assert claimed.attempt == attempt
         lease = Lease(shot, WORKER_A, attempt)
-        assert await db.begin_attempt(claimed, lease)
+        assert await db.begin_attempt(claimed, lease) == (0 if attempt == 1 else 1)
         if attempt == 1:
             await db.select_audience(claimed, lease)
         assert (await db.cycle(lease, [], 1)).reserved == [1 if attempt == 1 else 2]
         assert await db.reset_stale(60, 3) == []  # the lease is fresh
         await _stale(pool, shot)
-        assert await db.reset_stale(60, 2) == [(shot, "pending" if attempt == 1 else "error")]
+        [reset] = await db.reset_stale(60, 2)
+        assert (reset.shot_id, reset.bot_slug) == (shot, "shop")
+        # given up at the second reset: recipient 2, in flight, is reported unknown
+        assert (reset.status, reset.unknown) == (("pending", 0) if attempt == 1 else ("error", 1))
     row = await pool.fetchrow("SELECT status::text, last_error, finished_at FROM shots_queue "
                               "WHERE id = $1", shot)
     assert row["status"] == "error"
@@ -213,11 +216,12 @@ async def test_released_attempts_do_not_count_against_max_attempts(pool: asyncpg
         claimed = await db.claim_shot(WORKER_A)
         assert claimed is not None
         lease = Lease(shot, WORKER_A, attempt)
-        assert await db.begin_attempt(claimed, lease)
+        assert await db.begin_attempt(claimed, lease) == 0
         if attempt < 3:
             assert await db.release_shot(lease, AttemptCounts())
     await _stale(pool, shot)
-    assert await db.reset_stale(60, 2) == [(shot, "pending")]  # 1 counted attempt of 2
+    [reset] = await db.reset_stale(60, 2)
+    assert reset.status == "pending"  # 1 counted attempt of 2
 
 
 @pytest.mark.asyncio
@@ -228,7 +232,7 @@ async def test_a_stale_claim_cannot_write_after_a_newer_claim(pool: asyncpg.Pool
     first = await db.claim_shot(WORKER_A)
     assert first is not None
     old = Lease(shot, WORKER_A, 1)
-    assert await db.begin_attempt(first, old)
+    assert await db.begin_attempt(first, old) == 0
     await db.select_audience(first, old)
     assert (await db.cycle(old, [], 1)).reserved == [1]
     await pool.execute("UPDATE shots_queue SET status = 'pending' WHERE id = $1", shot)
@@ -240,13 +244,13 @@ async def test_a_stale_claim_cannot_write_after_a_newer_claim(pool: asyncpg.Pool
     stale = await db.cycle(old, [outcome], 5)
     assert stale.status is None
     assert stale.reserved == []
-    assert not await db.begin_attempt(first, old)
+    assert await db.begin_attempt(first, old) is None
     assert not await db.release_shot(old, AttemptCounts())
     assert await db.finish_shot(old, AttemptCounts(), lambda _t: ("sent", None)) is None
     assert await pool.fetchval("SELECT status::text FROM shots_sent WHERE telegram_id = 1 "
                                "AND shot_id = $1", shot) == "sending"  # untouched
     new = Lease(shot, WORKER_A, 2)
-    assert await db.begin_attempt(second, new)  # the live claim turns it into unknown
+    assert await db.begin_attempt(second, new) == 1  # the live claim turns it into unknown
     assert await pool.fetchval("SELECT error FROM shots_sent WHERE telegram_id = 1 "
                                "AND shot_id = $1", shot) == UNKNOWN_OUTCOME
 

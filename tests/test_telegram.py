@@ -204,3 +204,29 @@ def test_valid_telegram_html_passes() -> None:
     copy = ('<b>Hi</b> <a href="https://x.test/?a=1&amp;b=2">link</a> <tg-spoiler>s</tg-spoiler> '
             '<span class="tg-spoiler">t</span> <blockquote expandable>q</blockquote> 5 &lt; 6')
     assert content_problem(Content(copy)) is None
+
+
+def test_library_log_records_are_json_lines_with_secrets_masked(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+    import logging
+
+    from daemon import logs
+
+    token = "123456:TEST-abcdefghijklmnopqrstuvwxyz"
+    logs.configure("info", "json", [token])
+    try:
+        raise ConnectionResetError(f"POST https://api.test/bot{token}/sendMessage")
+    except ConnectionResetError:
+        logging.getLogger("aiohttp.client").exception("request to %s failed",
+                                                      f"https://api.test/bot{token}/x")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1  # the traceback stays inside the one JSON object
+    record = json.loads(lines[0])
+    assert record["logger"] == "aiohttp.client"
+    assert record["level"] == "error"
+    assert record["event"] == "request to https://api.test/bot***/x failed"
+    assert "ConnectionResetError" in record["exception"]
+    assert token not in lines[0]
+    assert "TEST-abcdef" not in lines[0]
