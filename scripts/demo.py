@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -74,7 +75,13 @@ async def prepare_database(server: PgServer) -> str:
     return dsn
 
 
-def write_config(directory: Path, dsn: str, api_base: str) -> Path:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(directory: Path, dsn: str, api_base: str, metrics_port: int) -> Path:
     path = directory / "config.toml"
     path.write_text(f"""[database]
 dsn = "{dsn}"
@@ -83,6 +90,8 @@ api_base = "{api_base}"
 rate_per_second = {RATE}
 [worker]
 poll_interval = 2.0
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
 [bots.demo]
 token_env = "DEMO_BOT_TOKEN"
 [logging]
@@ -139,14 +148,16 @@ async def main() -> int:
         dsn = await prepare_database(server)
         async with BotApiEmulator([TOKEN], latency=0.05) as emulator:
             emulator.default_for = rule
-            config = write_config(work, dsn, emulator.base_url)
+            metrics_port = free_port()
+            config = write_config(work, dsn, emulator.base_url, metrics_port)
             migrated = await shotsd("migrate", "--config", str(config))
             if await migrated.wait() != 0:
                 say("shotsd migrate failed")
                 return 1
             log = work / "shotsd.log"
             daemon = await shotsd("run", "--config", str(config), log=log)
-            say(f"shotsd run started (pid {daemon.pid}); its JSON log: {log}")
+            say(f"shotsd run started (pid {daemon.pid}); its JSON log: {log}; metrics: "
+                f"http://127.0.0.1:{metrics_port}/metrics")
             conn = await asyncpg.connect(dsn)
             try:
                 say("enqueueing a shot, as an operator would:\n" + SHOT_SQL)
