@@ -7,6 +7,7 @@ in the event and every field, including rendered exceptions.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -66,7 +67,7 @@ def configure(level: str, fmt: str | None, secrets: list[str]) -> None:
     )
     # Libraries (asyncio, aiohttp, asyncpg) log through stdlib logging: their records go
     # through the same masker and renderer, so stdout stays one JSON object per line.
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _QuietHandler(sys.stdout)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
             structlog.stdlib.add_log_level,
@@ -81,6 +82,16 @@ def configure(level: str, fmt: str | None, secrets: list[str]) -> None:
         ],
     ))
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    logging.captureWarnings(True)  # Python warnings take the same masked, JSON path
+
+
+class _QuietHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A record that cannot be formatted is dropped with a masked note: the stdlib default
+    prints its raw message and arguments to stderr, tokens included."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        note = {"event": "log_record_unformattable", "logger": record.name}
+        self.stream.write(json.dumps(note) + "\n")
 
 
 def get(name: str = "shotsd") -> Any:

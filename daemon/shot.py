@@ -147,8 +147,9 @@ class ShotRunner:
             self.log.warning("shot_refused", reason=problem)
             return "error"
         if self.stop.is_set():  # claimed as shutdown began: hand it straight back
-            await d.db.release_shot(self.lease, AttemptCounts())
-            return "released"
+            released = await d.db.release_shot(self.lease, AttemptCounts())
+            self.log.info("shot_released", released=released, sent=0, skipped=0, error=0)
+            return "released" if released else "lost"
         if not shot.audience_selected:
             total = await d.db.select_audience(shot, self.lease)
             if total is None:
@@ -178,8 +179,7 @@ class ShotRunner:
         self.halt.set()  # backoffs and probes end too, so shutdown stays prompt
         if self._stop_seen_at is None:
             self._stop_seen_at = self.d.clock()
-        elif self.d.clock() - self._stop_seen_at > DRAIN_LIMIT:
-            self.drain_over.set()
+            asyncio.get_running_loop().call_later(DRAIN_LIMIT, self.drain_over.set)
 
     def _lease_ok(self) -> bool:
         """False once the lease may have expired: then nothing more may be sent."""
@@ -339,11 +339,15 @@ class ShotRunner:
     async def _request(self, call: ApiCall) -> Result:
         started = time.monotonic()
         request = asyncio.ensure_future(self.d.api.call(self.d.bot.token, call))
-        await wait_any([request, self.drain_over], None)
-        if request.done():
+        try:
+            await wait_any([request, self.drain_over], None)
+        finally:
+            answered = request.done()
+            if not answered:
+                request.cancel()  # also when this task itself is torn down
+        if answered:
             result = request.result()
         else:  # shutting down and Telegram is slow: give up on the answer, never resend
-            request.cancel()
             result = Result(Kind.UNKNOWN, "no answer before the daemon had to stop",
                             code="timeout")
         self.d.metrics.observe_request(self.shot.bot_slug, call.method, result.code,

@@ -297,8 +297,9 @@ SELECT status::text AS status, count(*) AS n FROM shots_queue GROUP BY status OR
 SELECT q.id, q.bot_slug, q.audience_total, q.sent_count, q.skipped_count, q.error_count,
        q.started_at, q.heartbeat_at, q.worker_id,
        (SELECT count(*) FROM shots_sent s
-        WHERE s.bot_slug = q.bot_slug AND s.sent_at > now() - interval '60 seconds'
-          AND s.shot_id = q.id) AS recent_sent,
+        WHERE s.bot_slug = q.bot_slug AND s.shot_id = q.id
+          AND s.sent_at > greatest(now() - interval '60 seconds', a.started_at))
+           AS recent_sent,
        coalesce(extract(epoch FROM now() - a.started_at), 0)::float8 AS attempt_seconds
 FROM shots_queue q
 LEFT JOIN shots_attempts a ON a.shot_id = q.id AND a.attempt = q.attempt_count

@@ -308,7 +308,7 @@ def test_a_reader_that_does_not_keep_up_never_blocks_the_daemon(
 def _need(binary: str) -> str:
     found = shutil.which(binary)
     if found is None:
-        if os.environ.get("CI"):
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
             pytest.fail(f"{binary} missing in CI (apt-get install prometheus)")
         pytest.skip(f"{binary} not installed: apt-get install prometheus")
     return found

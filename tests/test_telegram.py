@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
+from collections.abc import Iterator
 
 import pytest
+import structlog
 
+from daemon import logs
 from daemon.db import Tally
 from daemon.logs import SecretMasker
 from daemon.shot import decide_finish
@@ -206,13 +211,21 @@ def test_valid_telegram_html_passes() -> None:
     assert content_problem(Content(copy)) is None
 
 
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """logs.configure() changes process-wide state; put it back for the tests after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_logging")
 def test_library_log_records_are_json_lines_with_secrets_masked(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import json
-    import logging
-
-    from daemon import logs
 
     token = "123456:TEST-abcdefghijklmnopqrstuvwxyz"
     logs.configure("info", "json", [token])
@@ -230,3 +243,15 @@ def test_library_log_records_are_json_lines_with_secrets_masked(
     assert "ConnectionResetError" in record["exception"]
     assert token not in lines[0]
     assert "TEST-abcdef" not in lines[0]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_library_record_that_cannot_be_formatted_never_leaks_its_arguments(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    token = "123456:TEST-abcdefghijklmnopqrstuvwxyz"
+    logs.configure("info", "json", [token])
+    logging.getLogger("somelib").error("two args expected %s %s", token)  # a library's bug
+    captured = capsys.readouterr()
+    assert token not in captured.out + captured.err
+    assert json.loads(captured.out.splitlines()[-1])["event"] == "log_record_unformattable"
