@@ -14,6 +14,7 @@ import uvloop
 
 from daemon import __version__, logs, migrate, service, status
 from daemon.config import DEFAULT_PATH, Config, ConfigError, describe, load
+from daemon.db import DB_ERRORS
 from daemon.metrics import ListenError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -68,7 +69,7 @@ def _run_async(coro: Coroutine[Any, Any, int], config: Config) -> int:
     except (migrate.MigrationError, migrate.SchemaBehind) as exc:
         logs.get().error("schema_mismatch", error=str(exc))
         print(f"shotsd: {exc}", file=sys.stderr)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DB_ERRORS as exc:
         logs.get().error("database_unavailable", error=str(exc))
         print(f"shotsd: cannot use the database: {exc}", file=sys.stderr)
     return EXIT_RUNTIME

@@ -14,6 +14,10 @@ import asyncpg
 
 from daemon.sqlfiles import audience_query, query
 
+# What a database that is down, restarting or unreachable raises: callers that can wait it
+# out catch exactly this, and let anything else (a bug) surface.
+DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
 # Statements take milliseconds; one that hangs (a black-holed connection) is abandoned and
 # retried rather than left to freeze a runner or the daemon's shutdown.
 CONNECT_TIMEOUT = 5.0
@@ -254,7 +258,7 @@ class Db:
         """True when the database answers (for /healthz)."""
         try:
             return bool(await self.pool.fetchval(query("ping"), timeout=2.0) == 1)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        except DB_ERRORS:
             return False
 
     async def queue_busy(self) -> bool:

@@ -17,7 +17,7 @@ import asyncpg
 from daemon import logs
 from daemon.aio import wait_any
 from daemon.config import WorkerConfig
-from daemon.db import ClaimedShot, Db
+from daemon.db import DB_ERRORS, ClaimedShot, Db
 from daemon.metrics import Metrics
 
 CHANNEL = "shots_queue"
@@ -89,7 +89,7 @@ class Picker:
         while not stop.is_set():
             try:
                 conn = await connect()
-            except (OSError, asyncpg.PostgresError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("listen_connect_failed", error=str(exc))
                 await self.sleep_or_stop(stop, self.poll_interval)
                 continue
@@ -106,11 +106,10 @@ class Picker:
             await conn.add_listener(CHANNEL, lambda *_args: self.wake.set())
             self.wake.set()  # anything inserted while we were not listening
             await wait_any([stop, closed], None)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             log.warning("listen_failed", error=str(exc))
         finally:
-            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                                     TimeoutError):
+            with contextlib.suppress(*DB_ERRORS):
                 await conn.close(timeout=2)
 
     async def sleep_or_stop(self, stop: asyncio.Event, seconds: float) -> None:

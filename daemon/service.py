@@ -19,10 +19,10 @@ import asyncpg
 
 from daemon import logs, metrics, migrate
 from daemon.config import Config, effective_rate
-from daemon.db import ClaimedShot, Db, Lease, RoundTrips, create_pool
+from daemon.db import DB_ERRORS, ClaimedShot, Db, Lease, RoundTrips, create_pool
 from daemon.metrics import Metrics
 from daemon.picker import Picker
-from daemon.shot import DB_ERRORS, Delivery, ShotRunner
+from daemon.shot import Delivery, ShotRunner
 from daemon.systemd import Notifier
 from daemon.telegram import BotApi, BotPacer, redact
 

@@ -18,12 +18,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import asyncpg
-
 from daemon import logs
 from daemon.aio import sleep_unless, wait_any
 from daemon.config import BotConfig, TelegramConfig, WorkerConfig
-from daemon.db import AttemptCounts, ClaimedShot, Db, Lease, RecipientOutcome, Tally
+from daemon.db import DB_ERRORS, AttemptCounts, ClaimedShot, Db, Lease, RecipientOutcome, Tally
 from daemon.metrics import JOB_RESULTS, Metrics
 from daemon.telegram import (
     ApiCall,
@@ -48,7 +46,6 @@ BACKOFF_CAP = 30.0
 # This many transient failures in a row, with no answer in between, mean Telegram is
 # unreachable: the shot pauses and probes instead of burning through its audience.
 OUTAGE_AFTER = 5
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 PARTIAL = "partially delivered"
 
 
