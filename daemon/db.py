@@ -73,6 +73,14 @@ class AttemptCounts:
 
 
 @dataclass(frozen=True)
+class QueueState:
+    due: int  # pending, past scheduled_at, bot not busy
+    oldest_age: float  # seconds the oldest of those has waited (0 when none)
+    next_due_in: float | None  # seconds until the next pending shot is due
+    busy: bool  # a shot runs somewhere, or one is due
+
+
+@dataclass(frozen=True)
 class StaleReset:
     shot_id: int
     bot_slug: str
@@ -244,15 +252,10 @@ class Db:
             lease, AttemptCounts(), lambda _tally: ("error", reason))
         return status is not None
 
-    async def seconds_to_next_due(self) -> float | None:
-        value: float | None = await self.pool.fetchval(query("seconds_to_next_due"))
-        return value
-
-    async def due_stats(self) -> tuple[int, float]:
-        """How many pending shots are due, and how long the oldest has waited (seconds)."""
-        row = await self.pool.fetchrow(query("due_stats"))
+    async def queue_state(self) -> QueueState:
+        row = await self.pool.fetchrow(query("queue_state"))
         assert row is not None
-        return int(row["due"]), float(row["oldest_age"])
+        return QueueState(row["due"], row["oldest_age"], row["next_due_in"], row["busy"])
 
     async def ping(self) -> bool:
         """True when the database answers (for /healthz)."""
@@ -260,9 +263,6 @@ class Db:
             return bool(await self.pool.fetchval(query("ping"), timeout=2.0) == 1)
         except DB_ERRORS:
             return False
-
-    async def queue_busy(self) -> bool:
-        return bool(await self.pool.fetchval(query("queue_busy")))
 
     async def shots_by_status(self) -> dict[str, int]:
         rows = await self.pool.fetch(query("shots_by_status"))

@@ -17,7 +17,7 @@ import asyncpg
 from daemon import logs
 from daemon.aio import wait_any
 from daemon.config import WorkerConfig
-from daemon.db import DB_ERRORS, ClaimedShot, Db
+from daemon.db import DB_ERRORS, ClaimedShot, Db, QueueState
 from daemon.metrics import Metrics
 
 CHANNEL = "shots_queue"
@@ -34,7 +34,6 @@ class Picker:
         self.metrics = metrics or Metrics()
         self.worker_id = worker_id
         self.worker = worker
-        self.poll_interval = worker.poll_interval
         self.wake = asyncio.Event()
 
     async def reset_stale(self) -> None:
@@ -48,13 +47,13 @@ class Picker:
             log.warning("stale_shot_reset", shot_id=reset.shot_id, bot_slug=reset.bot_slug,
                         status=reset.status, outcome_unknown=reset.unknown)
 
-    async def observe_queue(self) -> int:
-        """Updates the queue gauges and the picker's heartbeat; returns the due count."""
-        due, oldest_age = await self.db.due_stats()
-        self.metrics.jobs_due.set(due)
-        self.metrics.oldest_due_age.set(oldest_age)
+    async def observe_queue(self) -> QueueState:
+        """Reads the queue's state and updates the gauges and the picker's heartbeat."""
+        state = await self.db.queue_state()
+        self.metrics.jobs_due.set(state.due)
+        self.metrics.oldest_due_age.set(state.oldest_age)
         self.metrics.picker_last_tick.set(time.time())
-        return due
+        return state
 
     async def claim_due(self, running: Collection[int]) -> list[ClaimedShot]:
         """Claims due shots until `max_running_shots` would be exceeded or none is due.
@@ -70,12 +69,11 @@ class Picker:
             claimed.append(shot)
         return claimed
 
-    async def next_wait(self) -> float:
+    def next_wait(self, state: QueueState) -> float:
         """Seconds until the picker should look again: the poll, or sooner for a due time."""
-        until = await self.db.seconds_to_next_due()
-        if until is None:
-            return self.poll_interval
-        return min(self.poll_interval, max(_MIN_WAIT, until))
+        if state.next_due_in is None:
+            return self.worker.poll_interval
+        return min(self.worker.poll_interval, max(_MIN_WAIT, state.next_due_in))
 
     async def sleep(self, stop: asyncio.Event, seconds: float) -> None:
         """Sleeps until the timeout, a wake-up or shutdown, whichever comes first."""
@@ -91,12 +89,12 @@ class Picker:
                 conn = await connect()
             except DB_ERRORS as exc:
                 log.warning("listen_connect_failed", error=str(exc))
-                await self.sleep_or_stop(stop, self.poll_interval)
+                await self.sleep_or_stop(stop, self.worker.poll_interval)
                 continue
             await self._listen_on(conn, stop)
             if not stop.is_set():
                 log.warning("listen_connection_lost")
-                await self.sleep_or_stop(stop, min(1.0, self.poll_interval))
+                await self.sleep_or_stop(stop, min(1.0, self.worker.poll_interval))
 
     async def _listen_on(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
         """Returns on shutdown or when the connection dies."""

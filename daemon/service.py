@@ -83,10 +83,10 @@ class Service:
             try:
                 await self.picker.reset_stale()
                 claimed = await self.picker.claim_due(self.running.keys())
-                wait = await self.picker.next_wait()
-                due = await self.picker.observe_queue()
+                state = await self.picker.observe_queue()
+                wait, due = self.picker.next_wait(state), state.due
                 if self.exit_when_idle and not self.running and not claimed:
-                    if not await self.db.queue_busy():
+                    if not state.busy:
                         log.info("daemon_idle")
                         return
                     wait = min(wait, 0.2)  # a shot runs elsewhere or waits for its bot

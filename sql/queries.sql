@@ -261,31 +261,32 @@ SET finished_at = now(), outcome = $3::text::shots_attempt_outcome,
     sent_count = $4::int, skipped_count = $5::int, error_count = $6::int, error = $7::text
 WHERE shot_id = $1::bigint AND attempt = $2::int;
 
--- name: seconds_to_next_due
--- Seconds until the next pending shot becomes due (NULL when none), measured on the
--- database's clock, so the picker can wake for it. Shots already due but waiting for
--- their bot are woken when that bot's running shot ends.
-SELECT extract(epoch FROM min(scheduled_at) - now())::float8 AS seconds FROM shots_queue
-WHERE status = 'pending' AND scheduled_at > now();
-
--- name: due_stats
--- For the shots_jobs_due / shots_oldest_due_job_age_seconds gauges (database clock). A shot
--- waiting for its bot's running shot is queued by design, not late: it is left out, or a
--- second shot behind a 67-minute broadcast would look like a stuck daemon.
-SELECT count(*) AS due,
-       coalesce(extract(epoch FROM now() - min(q.scheduled_at)), 0)::float8 AS oldest_age
-FROM shots_queue q
-WHERE q.status = 'pending' AND q.scheduled_at <= now()
-  AND NOT EXISTS (SELECT 1 FROM shots_queue r
-                  WHERE r.bot_slug = q.bot_slug AND r.status = 'running');
+-- name: queue_state
+-- The picker's one look at the queue per pass, on the database's clock:
+-- due / oldest_age: pending shots past their scheduled_at, for the shots_jobs_due and
+--   shots_oldest_due_job_age_seconds gauges. A shot waiting for its bot's running shot is
+--   queued by design, not late: it is left out, or a second shot behind a 67-minute
+--   broadcast would look like a stuck daemon.
+-- next_due_in: seconds until the next pending shot becomes due (NULL when none), so the
+--   picker can wake for it; shots waiting for their bot are woken when its shot ends.
+-- busy: a shot runs (here or elsewhere) or is due: `run --exit-when-idle` keeps waiting.
+WITH due AS (
+    SELECT q.scheduled_at
+    FROM shots_queue q
+    WHERE q.status = 'pending' AND q.scheduled_at <= now()
+      AND NOT EXISTS (SELECT 1 FROM shots_queue r
+                      WHERE r.bot_slug = q.bot_slug AND r.status = 'running')
+)
+SELECT (SELECT count(*) FROM due) AS due,
+       coalesce((SELECT extract(epoch FROM now() - min(scheduled_at)) FROM due), 0)::float8
+           AS oldest_age,
+       (SELECT extract(epoch FROM min(scheduled_at) - now()) FROM shots_queue
+        WHERE status = 'pending' AND scheduled_at > now())::float8 AS next_due_in,
+       EXISTS (SELECT 1 FROM shots_queue WHERE status = 'running')
+           OR EXISTS (SELECT 1 FROM due) AS busy;
 
 -- name: ping
 SELECT 1;
-
--- name: queue_busy
--- Whether any shot is running (here or elsewhere) or due: `run --exit-when-idle` waits.
-SELECT EXISTS (SELECT 1 FROM shots_queue WHERE status = 'running')
-    OR EXISTS (SELECT 1 FROM shots_queue WHERE status = 'pending' AND scheduled_at <= now());
 
 -- name: shots_by_status
 SELECT status::text AS status, count(*) AS n FROM shots_queue GROUP BY status ORDER BY status;

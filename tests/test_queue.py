@@ -74,9 +74,10 @@ async def test_future_and_non_pending_shots_are_not_claimed(pool: asyncpg.Pool) 
     for status in ("sent", "error", "cancelled", "skipped"):
         await add_shot(pool, status=status)
     assert await Db(pool).claim_shot(WORKER_A) is None
-    until = await Db(pool).seconds_to_next_due()
-    assert until is not None
-    assert 3500 < until <= 3600
+    state = await Db(pool).queue_state()
+    assert state.next_due_in is not None
+    assert 3500 < state.next_due_in <= 3600
+    assert (state.due, state.busy) == (0, False)
 
 
 async def _audience(pool: asyncpg.Pool, shot_id: int) -> list[int]:
@@ -268,7 +269,7 @@ async def test_the_picker_claims_up_to_max_running_shots_one_per_bot(pool: async
 
 
 @pytest.mark.asyncio
-async def test_due_stats_leave_out_shots_queued_behind_their_bots_running_shot(
+async def test_due_gauges_leave_out_shots_queued_behind_their_bots_running_shot(
     pool: asyncpg.Pool,
 ) -> None:
     db = Db(pool)
@@ -276,9 +277,10 @@ async def test_due_stats_leave_out_shots_queued_behind_their_bots_running_shot(
     await add_shot(pool, "shop", scheduled_at=hour_ago)
     assert await db.claim_shot(WORKER_A) is not None  # shop is busy now
     await add_shot(pool, "shop", scheduled_at=hour_ago)  # waits for shop, by design
-    assert await db.due_stats() == (0, 0.0)
+    state = await db.queue_state()
+    assert (state.due, state.oldest_age, state.busy) == (0, 0.0, True)  # busy: shop runs
     await add_shot(pool, "other", scheduled_at=await pool.fetchval(
         "SELECT now() - interval '10 minutes'"))
-    due, oldest = await db.due_stats()
-    assert due == 1
-    assert 590 < oldest < 700
+    state = await db.queue_state()
+    assert state.due == 1
+    assert 590 < state.oldest_age < 700
