@@ -231,7 +231,8 @@ class Db:
             await conn.execute(query("finish_shot"), lease.shot_id, status, last_error,
                                tally.sent, tally.skipped, tally.error)
             await conn.execute(query("finish_attempt"), lease.shot_id, lease.attempt, status,
-                               counts.sent, counts.skipped, counts.error, last_error)
+                               counts.sent, counts.skipped, counts.error, last_error,
+                               lease.worker_id)
             return status
 
     async def release_shot(self, lease: Lease, counts: AttemptCounts) -> bool:
@@ -240,14 +241,12 @@ class Db:
             released = await conn.fetchval(query("release_shot"), *lease.args)
             if released is not None:
                 await conn.execute(query("finish_attempt"), lease.shot_id, lease.attempt,
-                                   "released", counts.sent, counts.skipped, counts.error, None)
+                                   "released", counts.sent, counts.skipped, counts.error, None,
+                                   lease.worker_id)
             return released is not None
 
     async def fail_unclaimable(self, lease: Lease, reason: str) -> bool:
-        """Ends a claimed shot with `error` before any recipient is touched (its attempt row
-        is written too: one row per claim)."""
-        await self.pool.execute(query("insert_attempt"), lease.shot_id, lease.attempt,
-                                lease.worker_id)
+        """Ends a claimed shot with `error` before any recipient is touched."""
         status = await self.finish_shot(
             lease, AttemptCounts(), lambda _tally: ("error", reason))
         return status is not None

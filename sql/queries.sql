@@ -46,11 +46,10 @@ WHERE id = $1::bigint AND worker_id = $2::text AND attempt_count = $3::int
 FOR UPDATE;
 
 -- name: insert_attempt
+-- Every claim has its own attempt number (attempt_count), so this never meets an older row.
 -- $1 shot_id, $2 attempt number, $3 worker_id
 INSERT INTO shots_attempts (shot_id, attempt, worker_id)
-VALUES ($1::bigint, $2::int, $3::text)
-ON CONFLICT (shot_id, attempt) DO UPDATE
-SET worker_id = EXCLUDED.worker_id, started_at = now(), finished_at = NULL, outcome = NULL;
+VALUES ($1::bigint, $2::int, $3::text);
 
 -- name: mark_unknown_outcomes
 -- Recipients left 'sending' by a previous holder may have received the message: never
@@ -255,11 +254,18 @@ WHERE id = $1::bigint AND worker_id = $2::text AND attempt_count = $3::int
 RETURNING id;
 
 -- name: finish_attempt
--- $1 shot_id, $2 attempt, $3 outcome, $4 sent, $5 skipped, $6 error count, $7 error text
-UPDATE shots_attempts
-SET finished_at = now(), outcome = $3::text::shots_attempt_outcome,
-    sent_count = $4::int, skipped_count = $5::int, error_count = $6::int, error = $7::text
-WHERE shot_id = $1::bigint AND attempt = $2::int;
+-- Closes the claim's attempt row, writing it if the attempt never got to open one (a shot
+-- refused at claim time): one row per claim either way.
+-- $1 shot_id, $2 attempt, $3 outcome, $4 sent, $5 skipped, $6 error count, $7 error text,
+-- $8 worker_id
+INSERT INTO shots_attempts AS a (shot_id, attempt, worker_id, finished_at, outcome,
+                                 sent_count, skipped_count, error_count, error)
+VALUES ($1::bigint, $2::int, $8::text, now(), $3::text::shots_attempt_outcome,
+        $4::int, $5::int, $6::int, $7::text)
+ON CONFLICT (shot_id, attempt) DO UPDATE
+SET finished_at = EXCLUDED.finished_at, outcome = EXCLUDED.outcome,
+    sent_count = EXCLUDED.sent_count, skipped_count = EXCLUDED.skipped_count,
+    error_count = EXCLUDED.error_count, error = EXCLUDED.error;
 
 -- name: queue_state
 -- The picker's one look at the queue per pass, on the database's clock:

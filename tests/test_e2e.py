@@ -131,6 +131,12 @@ async def test_unknown_bot_and_bad_copy_fail_alone_while_other_shots_are_served(
     ghost_row = await shot_row(pool, ghost)
     assert ghost_row["status"] == "error"
     assert "no bot 'ghost' is configured" in ghost_row["last_error"]
+    # one shots_attempts row per claim, even for a claim refused on the spot
+    attempts = await pool.fetch("SELECT shot_id, outcome::text FROM shots_attempts "
+                                "WHERE shot_id = ANY($1::bigint[]) ORDER BY shot_id",
+                                [ghost, too_long])
+    assert [(a["shot_id"], a["outcome"]) for a in attempts] == [(ghost, "error"),
+                                                                (too_long, "error")]
     long_row = await shot_row(pool, too_long)
     assert long_row["status"] == "error"
     assert "5000 characters" in long_row["last_error"]
