@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import socket
-import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -116,9 +115,10 @@ class Service:
             log.error("shot_interrupted", shot_id=shot.id, bot_slug=shot.bot_slug,
                       error=str(exc))
         except Exception as exc:  # one shot's bug must not stop the others
+            # redacted here because it goes to last_error; the log masker covers the traceback
             detail = redact(f"{type(exc).__name__}: {exc}", self.config.secrets())
             log.error("shot_crashed", shot_id=shot.id, bot_slug=shot.bot_slug, error=detail,
-                      traceback=redact(traceback.format_exc(), self.config.secrets()))
+                      exc_info=True)
             await self._refuse(shot, f"internal error while running the shot: {detail}")
         finally:
             self.running.pop(shot.id, None)

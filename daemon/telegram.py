@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import math
 import time
 from collections import deque
@@ -112,19 +113,26 @@ def content_problem(content: Content) -> str | None:
 
 def calls_for(content: Content, chat_id: int) -> list[ApiCall]:
     """The requests that deliver `content` to one chat, in order (SPEC §5)."""
-    base: dict[str, Any] = {"chat_id": chat_id, "parse_mode": "HTML"}
-    message = ApiCall("sendMessage", base | {
+    return [ApiCall(call.method, {"chat_id": chat_id} | call.payload) for call in _plan(content)]
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(content: Content) -> tuple[ApiCall, ...]:
+    """The requests for any chat, without chat_id: worked out (the copy's HTML parsed) once
+    per shot, not once per recipient."""
+    html: dict[str, Any] = {"parse_mode": "HTML"}
+    message = ApiCall("sendMessage", html | {
         "text": content.copy, "link_preview_options": {"is_disabled": True}})
     if content.media_type == "none" or content.media_url is None:
-        return [message]
+        return (message,)
     if content.media_type == "audio":
-        return [ApiCall("sendAudio", {"chat_id": chat_id, "audio": content.media_url}), message]
+        return ApiCall("sendAudio", {"audio": content.media_url}), message
     field = content.media_type  # "photo" or "video": the method's media field has its name
     method = "sendPhoto" if field == "photo" else "sendVideo"
     if text_length(content.copy) <= MAX_CAPTION:
-        return [ApiCall(method, base | {field: content.media_url, "caption": content.copy})]
+        return (ApiCall(method, html | {field: content.media_url, "caption": content.copy}),)
     # Too long for a caption: the media alone, then the copy as its own message.
-    return [ApiCall(method, {"chat_id": chat_id, field: content.media_url}), message]
+    return ApiCall(method, {field: content.media_url}), message
 
 
 def classify(status: int, body: Any) -> Result:

@@ -302,7 +302,6 @@ SELECT status::text AS status, count(*) AS n FROM shots_queue GROUP BY status OR
 -- sent in the last minute (the bot_slug + sent_at index finds them), over the attempt's age
 -- when it is younger than that.
 SELECT q.id, q.bot_slug, q.audience_total, q.sent_count, q.skipped_count, q.error_count,
-       q.started_at, q.heartbeat_at, q.worker_id,
        (SELECT count(*) FROM shots_sent s
         WHERE s.bot_slug = q.bot_slug AND s.shot_id = q.id
           AND s.sent_at > greatest(now() - interval '60 seconds', a.started_at))
