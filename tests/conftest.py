@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,8 +236,19 @@ async def run_idle(cfg: Path) -> Finished:
     return done
 
 
-async def wait_until(pool: asyncpg.Pool, sql: str, *args: object, timeout: float = 20) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], what: str,
+                     timeout: float = 20) -> None:
+    """Polls `check` until it is true; fails the test (saying `what`) after `timeout` s."""
     deadline = time.monotonic() + timeout
-    while not await pool.fetchval(sql, *args):
-        assert time.monotonic() < deadline, f"timed out waiting for: {sql}"
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
         await asyncio.sleep(0.05)
+
+
+async def wait_until(pool: asyncpg.Pool, sql: str, *args: object, timeout: float = 20) -> None:
+    """Waits until the query returns true."""
+
+    async def holds() -> bool:
+        return bool(await pool.fetchval(sql, *args))
+
+    await eventually(holds, sql, timeout)

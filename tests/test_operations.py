@@ -24,10 +24,12 @@ from tests.conftest import (
     TOKEN,
     add_contacts,
     add_shot,
+    eventually,
     run_shotsd,
     shot_row,
     shotsd_env,
     start_shotsd,
+    wait_until,
     write_config,
 )
 from tests.tcpproxy import TcpProxy
@@ -91,10 +93,7 @@ async def _collect(sock: socket.socket, into: list[str]) -> None:
 
 
 async def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with aiohttp.ClientSession() as http, \
-            http.get(f"http://127.0.0.1:{port}/metrics") as resp:
-        assert resp.status == 200
-        text = await resp.text()
+    text = await _metrics_text(port)
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -122,10 +121,8 @@ async def test_a_supervised_daemon_notifies_systemd_and_exports_metrics(
     reader = asyncio.create_task(_collect(notify_socket, messages))  # as systemd reads them
     proc = await start_shotsd("run", "--config", str(cfg), env=env)
     try:
-        deadline = asyncio.get_running_loop().time() + 20
-        while (await shot_row(pool, shot))["finished_at"] is None:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.05)
+        await wait_until(pool, "SELECT finished_at IS NOT NULL FROM shots_queue WHERE id = $1",
+                         shot)
         samples = await _scrape(port)
         assert await _health(port) == 200
         text = await _metrics_text(port)
@@ -173,6 +170,7 @@ async def test_a_supervised_daemon_notifies_systemd_and_exports_metrics(
 async def _metrics_text(port: int) -> str:
     async with aiohttp.ClientSession() as http, \
             http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        assert resp.status == 200
         return await resp.text()
 
 
@@ -186,22 +184,17 @@ async def test_healthz_says_503_while_the_database_is_unreachable(
                            metrics={"listen": f"127.0.0.1:{port}"})
         proc = await start_shotsd("run", "--config", str(cfg))
         try:
-            deadline = asyncio.get_running_loop().time() + 20
-            while True:
+            async def healthy() -> bool:
                 try:
-                    if await _health(port) == 200:
-                        break
+                    return await _health(port) == 200
                 except aiohttp.ClientConnectionError:
-                    pass
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.05)
+                    return False  # not listening yet
+
+            await eventually(healthy, "/healthz 200 after start")
             proxy.cut()
             assert await _health(port) == 503
             proxy.restore()
-            deadline = asyncio.get_running_loop().time() + 20
-            while await _health(port) != 200:
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.1)
+            await eventually(healthy, "/healthz 200 once the database is back")
         finally:
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(proc.communicate(), 15)
@@ -228,10 +221,8 @@ async def test_the_token_never_shows_through_faults(
                        metrics={"listen": f"127.0.0.1:{port}"})
     proc = await start_shotsd("run", "--config", str(cfg))
     try:
-        deadline = asyncio.get_running_loop().time() + 30
-        while (await shot_row(pool, first))["finished_at"] is None:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.05)
+        await wait_until(pool, "SELECT finished_at IS NOT NULL FROM shots_queue WHERE id = $1",
+                         first, timeout=30)
         metrics_text = await _metrics_text(port)
         proc.send_signal(signal.SIGTERM)
         out, err = await asyncio.wait_for(proc.communicate(), 10)
