@@ -233,6 +233,9 @@ class BotApiEmulator:
         # Per method (lower case, e.g. "sendmessage"): how every valid request of it answers,
         # whatever the chat (a refusal that is about the message, not the recipient).
         self.method_behaviour: dict[str, Behaviour] = {}
+        # Requests being answered right now, and the most there ever were at once.
+        self._open = 0
+        self.max_open = 0
         self._tokens = set(tokens)
         self._scripts: dict[int, list[Behaviour]] = {}
         self._message_ids: dict[tuple[str, int], int] = {}
@@ -394,6 +397,14 @@ class BotApiEmulator:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         at = time.monotonic()  # first, so that the rate arithmetic sees true arrival times
+        self._open += 1
+        self.max_open = max(self.max_open, self._open)
+        try:
+            return await self._serve_one(request, at)
+        finally:
+            self._open -= 1
+
+    async def _serve_one(self, request: web.Request, at: float) -> web.StreamResponse:
         token, method = request.match_info["token"], request.match_info["method"]
         payload = await _payload(request)
         chat_id = _chat_id(payload)

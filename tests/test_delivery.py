@@ -336,3 +336,19 @@ async def test_shutdown_does_not_wait_for_telegram_longer_than_the_drain_limit(
         assert recipients[chat]["status"] == "error"
         assert recipients[chat]["error"].startswith("outcome unknown: no answer before")
     assert "sending" not in {r["status"] for r in recipients.values()}
+
+
+@pytest.mark.asyncio
+async def test_concurrency_caps_requests_in_flight(
+    pool: asyncpg.Pool, dsn: str, emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    """SPEC §5: worker.concurrency caps requests in flight; the limiter sets the pace."""
+    await add_contacts(pool, "shop", range(1, 61))
+    shot = await add_shot(pool)
+    emulator.latency = 0.5  # at 100/s, 50 would be in flight without the cap
+    await run_idle(write_config(tmp_path / "c.toml", dsn, emulator.base_url,
+                                telegram={"rate_per_second": 100.0},
+                                worker={"concurrency": 8}))
+    assert emulator.max_open <= 8
+    assert emulator.max_open >= 6  # the cap, not the rate, was what held it
+    assert (await shot_row(pool, shot))["sent_count"] == 60

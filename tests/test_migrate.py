@@ -166,6 +166,9 @@ async def test_pending_rows_notify_listeners(pool: asyncpg.Pool, dsn: str) -> No
         await pool.execute("UPDATE shots_queue SET status = 'cancelled' WHERE id = $1", shot)
         await pool.execute("UPDATE shots_queue SET status = 'pending' WHERE id = $1", shot)
         assert await asyncio.wait_for(got.get(), 5) == str(shot)
-        assert got.empty()  # the cancel itself did not notify
+        await pool.execute("UPDATE shots_queue SET scheduled_at = now() WHERE id = $1", shot)
+        assert await asyncio.wait_for(got.get(), 5) == str(shot)  # rescheduled: made due
+        await pool.execute("UPDATE shots_queue SET copy = 'edited' WHERE id = $1", shot)
+        assert got.empty()  # neither the cancel nor an edit of the copy notified
     finally:
         await listener.close()

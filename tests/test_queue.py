@@ -188,6 +188,8 @@ async def test_stale_shots_are_reset_then_given_up_after_max_attempts(pool: asyn
         assert await db.begin_attempt(claimed, lease) == (0 if attempt == 1 else 1)
         if attempt == 1:
             await db.select_audience(claimed, lease)
+            first_started = await pool.fetchval(
+                "SELECT started_at FROM shots_queue WHERE id = $1", shot)
         assert (await db.cycle(lease, [], 1)).reserved == [1 if attempt == 1 else 2]
         assert await db.reset_stale(60, 3) == []  # the lease is fresh
         await _stale(pool, shot)
@@ -195,8 +197,9 @@ async def test_stale_shots_are_reset_then_given_up_after_max_attempts(pool: asyn
         assert (reset.shot_id, reset.bot_slug) == (shot, "shop")
         # given up at the second reset: recipient 2, in flight, is reported unknown
         assert (reset.status, reset.unknown) == (("pending", 0) if attempt == 1 else ("error", 1))
-    row = await pool.fetchrow("SELECT status::text, last_error, finished_at FROM shots_queue "
-                              "WHERE id = $1", shot)
+    row = await pool.fetchrow("SELECT status::text, last_error, finished_at, started_at "
+                              "FROM shots_queue WHERE id = $1", shot)
+    assert row["started_at"] == first_started  # set by the first claim only
     assert row["status"] == "error"
     assert row["last_error"].startswith(f"gave up after 2 attempts: its daemon ({WORKER_A})")
     assert row["finished_at"] is not None
