@@ -335,9 +335,11 @@ async def test_a_real_prometheus_scrapes_shotsd(
                 await asyncio.sleep(0.25)
                 try:
                     async with http.get(query) as resp:
+                        if resp.status != 200:
+                            continue  # 503 until its storage is ready
                         body = await resp.json()
                 except aiohttp.ClientConnectionError:
-                    continue  # Prometheus is still starting
+                    continue  # not listening yet
                 result = body.get("data", {}).get("result", [])
                 sent = int(float(result[0]["value"][1])) if result else None
         assert (await shot_row(pool, shot))["sent_count"] == 10
